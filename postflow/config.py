@@ -1,0 +1,276 @@
+"""Loads and validates `postflow.toml`; the only module that knows the file's keys.
+
+An invalid file fails with one line per problem naming the key and the bad value, e.g.
+`transports.x.retry_delays: "60,abc": not a list of minutes`. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from postflow.destination import DestinationError, parse_destination, parse_host_port
+from postflow.schedule import RetrySchedule
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "TransportSettings",
+    "default_config_path",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG = "postflow.toml"
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration file; `problems` holds one line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid configuration\n" + "\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _minutes_list(value: Any) -> Any:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError("not a list of minutes")
+        return [int(p) for p in parts]
+    return value
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> Any:
+    """`"90s"`, `"30m"`, `"4h"`, `"5d"`, or a number of seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("not a duration (e.g. 30s, 10m, 4h, 5d)")
+        return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+Minutes = Annotated[list[Annotated[int, Field(gt=0)]], BeforeValidator(_minutes_list)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _check_listen(value: str) -> str:
+    try:
+        hp = parse_host_port(value, 0)
+    except DestinationError as exc:
+        raise ValueError(str(exc)) from None
+    if hp.port == 0:
+        raise ValueError("needs host:port")
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(_check_listen)]
+
+
+class TemporalSettings(_Strict):
+    address: str = "127.0.0.1:7233"
+    namespace: str = "default"
+    ui_port: int = Field(8233, gt=0, lt=65536)
+    # Used by `postflow up` only: the dev server's SQLite file.
+    db_filename: str = "var/temporal.db"
+
+
+class IngestSettings(_Strict):
+    listen: Listen = "127.0.0.1:2525"
+    hostname: str | None = None
+    max_message_size: int = Field(50 * 1024 * 1024, gt=0)
+    max_recipients: int = Field(1000, gt=0)
+    max_sessions: int = Field(500, gt=0)
+    idle_timeout: Duration = timedelta(minutes=5)
+    allow_networks: list[str] = ["127.0.0.0/8", "::1/128"]
+
+
+class SpoolSettings(_Strict):
+    path: str = "var/spool"
+
+
+class SmtpSettings(_Strict):
+    """Outbound SMTP client settings shared by every transport (RFC 5321 §4.5.3.2 timeouts)."""
+
+    helo_name: str = Field(default_factory=socket.getfqdn)
+    connect_timeout: Duration = timedelta(seconds=30)
+    greeting_timeout: Duration = timedelta(seconds=300)
+    command_timeout: Duration = timedelta(seconds=300)
+    data_timeout: Duration = timedelta(seconds=120)
+    block_timeout: Duration = timedelta(seconds=180)
+    final_timeout: Duration = timedelta(seconds=600)
+
+
+class SaslSettings(_Strict):
+    username: str
+    password_env: str | None = None
+    password_file: str | None = None
+    mechanisms: list[Literal["PLAIN", "LOGIN", "CRAM-MD5"]] | None = None
+    allow_plaintext: bool = False
+    auth_failure: Literal["defer", "bounce"] = "defer"
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> SaslSettings:
+        if (self.password_env is None) == (self.password_file is None):
+            raise ValueError("give exactly one of password_env or password_file")
+        return self
+
+
+class TransportSettings(_Strict):
+    destination: str = "lookup-mx"
+    retry_delays: Minutes = [60, 120, 180]
+    retry_count: int = Field(30, ge=0)
+    on_give_up: Literal["dsn", "discard"] = "dsn"
+    max_age: Duration | None = None
+    delay_warning_after: Duration | None = None
+    tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
+    tls_ca_file: str | None = None
+    tls_verify_names: list[str] | None = None
+    tls_fingerprints: list[str] | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_min_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    sasl: SaslSettings | None = None
+    nxdomain: Literal["bounce", "defer"] = "bounce"
+    ip_version: Literal["any", "ipv4", "ipv6"] = "any"
+    max_mx_hosts: int = Field(5, gt=0)
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value: str) -> str:
+        try:
+            parse_destination(value)
+        except DestinationError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def schedule(self) -> RetrySchedule:
+        return RetrySchedule(delays=self.retry_delays, count=self.retry_count)
+
+
+class Route(_Strict):
+    domains: list[str] = Field(min_length=1)
+    transport: str
+
+    @field_validator("domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for d in value]
+
+
+class SinkSettings(_Strict):
+    """`postflow sink`: a capture SMTP server, started by `postflow up` when configured."""
+
+    listen: Listen = "127.0.0.1:2526"
+    path: str = "var/sink"
+
+
+class WorkerSettings(_Strict):
+    identity: str | None = None
+    max_concurrent_activities: int = Field(200, gt=0)
+    max_concurrent_workflow_tasks: int = Field(50, gt=0)
+    max_cached_workflows: int = Field(2000, ge=0)
+    priority_slots: int = Field(20, gt=0)
+
+
+class DeliverySettings(_Strict):
+    soft_bounce: bool = False
+
+
+class Config(_Strict):
+    temporal: TemporalSettings = TemporalSettings()
+    ingest: IngestSettings = IngestSettings()
+    spool: SpoolSettings = SpoolSettings()
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    delivery: DeliverySettings = DeliverySettings()
+    worker: WorkerSettings = WorkerSettings()
+    transports: dict[str, TransportSettings] = {"default": TransportSettings()}
+    routes: list[Route] = []
+    sink: SinkSettings | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        if "default" not in self.transports:
+            raise ValueError("transports.default is required: it serves unrouted domains")
+        for i, route in enumerate(self.routes):
+            if route.transport not in self.transports:
+                raise ValueError(
+                    f"routes.{i}.transport: {route.transport!r}: no such transport "
+                    f"(known: {', '.join(sorted(self.transports))})"
+                )
+        return self
+
+    def transport(self, name: str) -> TransportSettings:
+        return self.transports[name]
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("POSTFLOW_CONFIG", DEFAULT_CONFIG))
+
+
+def _format(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+            continue
+        if item["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+            continue
+        value = item.get("input")
+        shown = f"{value!r}: " if not isinstance(value, dict) else ""
+        shown = shown.replace("'", '"') if isinstance(value, str) else shown
+        lines.append(f"{where}: {shown}{message}" if where else message)
+    return lines
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _format(exc)) from None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Reads the file; a missing default file means every setting takes its default."""
+    explicit = path is not None or "POSTFLOW_CONFIG" in os.environ
+    file = Path(path) if path is not None else default_config_path()
+    if not file.exists():
+        if explicit:
+            raise ConfigError(str(file), ["file not found"])
+        return Config()
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(file), [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, str(file))

@@ -1,0 +1,175 @@
+"""`Submitter.submit()`: the one way a message enters Postflow (ingest and Python callers).
+
+Stores the body, then starts the message's workflow; returns the queue id only when both
+are done. If either fails, the stored body is removed and `SubmitError` raised, so the
+caller's own retry is the only copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    Priority,
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+)
+
+from postflow import search
+from postflow.config import Config
+from postflow.constants import (
+    PRIORITY_TASK_QUEUE,
+    TASK_QUEUE,
+    message_workflow_id,
+    queue_id_from_workflow_id,
+)
+from postflow.models import DeliverInput, Recipient
+from postflow.replies import clean_text
+from postflow.routing import plan_groups
+from postflow.spool import FsSpool, new_queue_id
+from workflows.deliver import DeliverMessage
+
+__all__ = ["SubmitError", "Submitter", "header_summary"]
+
+log = logging.getLogger("postflow.submit")
+
+INPUT_VERSION = 1
+
+
+class SubmitError(Exception):
+    """The message was not queued; nothing of it was kept."""
+
+    def __init__(self, message: str, *, temporary: bool = True) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+def header_summary(data: bytes) -> dict[str, str | None]:
+    """Message-ID and Subject for display; only the header block is parsed."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    head = data if end < 0 else data[: end + 2]
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+
+    def _get(name: str) -> str | None:
+        value = headers.get(name)
+        return clean_text(str(value))[:200] if value is not None else None
+
+    return {"message_id": _get("Message-ID"), "subject": _get("Subject")}
+
+
+class Submitter:
+    def __init__(
+        self,
+        client: Client,
+        config: Config,
+        spool: FsSpool | None = None,
+        *,
+        task_queue: str = TASK_QUEUE,
+        priority_task_queue: str = PRIORITY_TASK_QUEUE,
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._spool = spool or FsSpool(config.spool.path)
+        self._queues = (task_queue, priority_task_queue)
+
+    async def submit(
+        self, mail_from: str, recipients: list[Recipient] | list[str], data: bytes, **options: Any
+    ) -> str:
+        """Queues one message; returns its queue id once body and workflow are durable."""
+        handle = await self.enqueue(mail_from, recipients, data, **options)
+        return queue_id_from_workflow_id(handle.id)
+
+    async def enqueue(
+        self,
+        mail_from: str,
+        recipients: list[Recipient] | list[str],
+        data: bytes,
+        *,
+        ret: str | None = None,
+        envid: str | None = None,
+        smtputf8: bool = False,
+        is_report: bool = False,
+        priority: bool | None = None,
+        queue_id: str | None = None,
+    ) -> WorkflowHandle[Any, Any]:
+        """Like `submit`, but returns the message's workflow handle."""
+        rcpts = [r if isinstance(r, Recipient) else Recipient(address=r) for r in recipients]
+        if not rcpts:
+            raise SubmitError("no recipients", temporary=False)
+        queue_id = queue_id or new_queue_id()
+        try:
+            await asyncio.to_thread(self._spool.store, queue_id, data)
+        except OSError as exc:
+            raise SubmitError(f"spool: {exc}") from exc
+        try:
+            return await self._start(
+                queue_id, mail_from, rcpts, data, ret, envid, smtputf8, is_report, priority
+            )
+        except Exception as exc:
+            self._spool.delete(queue_id)
+            raise SubmitError(f"could not queue: {exc}") from exc
+
+    async def _start(
+        self,
+        queue_id: str,
+        mail_from: str,
+        rcpts: list[Recipient],
+        data: bytes,
+        ret: str | None,
+        envid: str | None,
+        smtputf8: bool,
+        is_report: bool,
+        priority: bool | None,
+    ) -> WorkflowHandle[Any, Any]:
+        info = header_summary(data)
+        groups = plan_groups(self._config, rcpts)
+        prioritized = bool(priority)
+        msg = DeliverInput(
+            version=INPUT_VERSION,
+            queue_id=queue_id,
+            spool_key=queue_id,
+            mail_from=mail_from,
+            groups=groups,
+            size=len(data),
+            arrival=datetime.now(UTC),
+            message_id=info["message_id"],
+            subject=info["subject"],
+            ret=ret,
+            envid=envid,
+            smtputf8=smtputf8,
+            body_8bit=any(b > 127 for b in data),
+            priority=prioritized,
+            is_report=is_report,
+        )
+        shown = ", ".join(r.address for r in rcpts[:3]) + (" ..." if len(rcpts) > 3 else "")
+        attributes = [
+            SearchAttributePair(search.MAIL_FROM, mail_from or "<>"),
+            SearchAttributePair(search.RECIPIENT_DOMAINS, sorted({g.domain for g in groups})),
+            SearchAttributePair(search.TRANSPORT, sorted({g.transport for g in groups})),
+            SearchAttributePair(search.DELIVERY_STATE, "queued"),
+            SearchAttributePair(search.ATTEMPTS, 0),
+            SearchAttributePair(search.PRIORITY, prioritized),
+        ]
+        if info["message_id"]:
+            attributes.append(SearchAttributePair(search.MESSAGE_ID, info["message_id"]))
+        return await self._client.start_workflow(
+            DeliverMessage.run,
+            msg,
+            id=message_workflow_id(queue_id),
+            task_queue=self._queues[1] if prioritized else self._queues[0],
+            # A start repeated after a lost reply must not make a second delivery.
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=TypedSearchAttributes(attributes),
+            static_summary=f"{mail_from or '<>'} → {shown}"
+            + (f": {info['subject']}" if info["subject"] else ""),
+            priority=Priority(priority_key=1) if prioritized else Priority(),
+        )

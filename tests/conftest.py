@@ -1,0 +1,90 @@
+"""Session-wide servers: Temporal's time-skipping test server and a dev server, each once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from postflow.config import Config, parse_config
+from postflow.constants import SEARCH_ATTRIBUTES
+from postflow.temporal import find_binary
+from worker import build_workers
+
+
+@pytest.fixture(scope="session")
+async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Time-skipping server: 87 hours of retries run in milliseconds."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=find_binary("temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    await register_search_attributes(env.client)
+    yield env
+    await env.shutdown()
+
+
+async def register_search_attributes(client: Client) -> None:
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+
+    kinds = {
+        "Keyword": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD,
+        "KeywordList": IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST,
+        "Int": IndexedValueType.INDEXED_VALUE_TYPE_INT,
+        "Datetime": IndexedValueType.INDEXED_VALUE_TYPE_DATETIME,
+        "Bool": IndexedValueType.INDEXED_VALUE_TYPE_BOOL,
+    }
+    await client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=client.namespace,
+            search_attributes={n: kinds[k] for n, k in SEARCH_ATTRIBUTES.items()},
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The same dev server `postflow up` runs, in memory, with Postflow's search attributes."""
+    from temporalio.common import SearchAttributeKey
+
+    kinds = {
+        "Keyword": SearchAttributeKey.for_keyword,
+        "KeywordList": SearchAttributeKey.for_keyword_list,
+        "Int": SearchAttributeKey.for_int,
+        "Datetime": SearchAttributeKey.for_datetime,
+        "Bool": SearchAttributeKey.for_bool,
+    }
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=find_binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=[kinds[k](n) for n, k in SEARCH_ATTRIBUTES.items()],
+        dev_server_extra_args=["--log-level", "error"],
+    )
+    yield env
+    await env.shutdown()
+
+
+def make_config(tmp_path: Path, **sections: object) -> Config:
+    data: dict[str, object] = {
+        "spool": {"path": str(tmp_path / "spool")},
+        "smtp": {"helo_name": "postflow.test", "connect_timeout": "5s"},
+    }
+    data.update(sections)
+    return parse_config(data)
+
+
+@asynccontextmanager
+async def running_worker(client: Client, config: Config) -> AsyncIterator[str]:
+    """A worker on a fresh task queue; yields the queue name for the workflows to start on."""
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    workers: list[Worker] = build_workers(client, config, task_queues=[queue])
+    async with workers[0]:
+        yield queue

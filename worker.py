@@ -1,0 +1,102 @@
+"""The worker process: wires activities to real objects and serves Postflow's task queues."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.report import ReportActivities
+from activities.resolve import ResolveActivities
+from activities.smtp import SmtpActivities
+from activities.spool import SpoolActivities
+from postflow.config import Config, load_config
+from postflow.constants import PRIORITY_TASK_QUEUE, TASK_QUEUE
+from postflow.spool import FsSpool
+from postflow.temporal import connect
+from workflows.deliver import DeliverMessage
+
+__all__ = ["WORKFLOWS", "build_activities", "build_workers", "main", "run_worker"]
+
+log = logging.getLogger("postflow.worker")
+
+WORKFLOWS: list[type] = [DeliverMessage]
+
+
+def build_activities(config: Config, client: Client) -> list[Any]:
+    spool = FsSpool(config.spool.path)
+    resolve = ResolveActivities(config)
+    smtp = SmtpActivities(config, spool)
+    spool_acts = SpoolActivities(spool)
+    report = ReportActivities()
+    return [
+        resolve.resolve_destination,
+        smtp.send_message,
+        spool_acts.remove_body,
+        report.send_failure_report,
+    ]
+
+
+def build_workers(
+    client: Client, config: Config, task_queues: Sequence[str] = (TASK_QUEUE, PRIORITY_TASK_QUEUE)
+) -> list[Worker]:
+    """One Worker per task queue: the priority queue keeps slots bulk work cannot take."""
+    activities = build_activities(config, client)
+    settings = config.worker
+    workers = []
+    for queue in task_queues:
+        priority = queue == PRIORITY_TASK_QUEUE
+        workers.append(
+            Worker(
+                client,
+                task_queue=queue,
+                workflows=WORKFLOWS,
+                activities=activities,
+                identity=f"{settings.identity}/{queue}" if settings.identity else None,
+                max_concurrent_activities=(
+                    settings.priority_slots if priority else settings.max_concurrent_activities
+                ),
+                max_concurrent_workflow_tasks=(
+                    settings.priority_slots if priority else settings.max_concurrent_workflow_tasks
+                ),
+                max_concurrent_local_activities=(
+                    settings.priority_slots if priority else settings.max_concurrent_activities
+                ),
+                max_cached_workflows=settings.max_cached_workflows,
+                graceful_shutdown_timeout=config.smtp.final_timeout,
+            )
+        )
+    return workers
+
+
+async def run_worker(config: Config, stop: asyncio.Event | None = None) -> None:
+    client = await connect(config)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    workers = build_workers(client, config)
+    log.info("worker serving %s on %s", [w.task_queue for w in workers], config.temporal.address)
+
+    async def _serve(worker: Worker) -> None:
+        await worker.run()
+
+    tasks = [asyncio.create_task(_serve(w)) for w in workers]
+    await stop.wait()
+    log.info("stopping: letting in-flight SMTP sessions finish")
+    await asyncio.gather(*(w.shutdown() for w in workers))
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main(config_path: str | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run_worker(load_config(config_path)))
+
+
+if __name__ == "__main__":
+    main()

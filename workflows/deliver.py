@@ -1,0 +1,393 @@
+"""`DeliverMessage`: schedules the delivery of one queued message; never does I/O itself.
+
+Like Postfix's qmgr it decides when to try and when to give up; activities resolve, send
+and report. One delivery loop runs per (transport, domain) group, concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.report import ReportActivities
+    from activities.resolve import ResolveActivities
+    from activities.smtp import SmtpActivities
+    from activities.spool import SpoolActivities
+    from postflow import search
+    from postflow.models import (
+        DeliverInput,
+        DeliveryError,
+        DeliveryGroup,
+        DeliveryReport,
+        FailureReportRequest,
+        RecipientOutcome,
+        RecipientReport,
+        RecipientState,
+        ResolveRequest,
+        SendRequest,
+    )
+    from postflow.signals import ControlSignal, scope_matches
+
+__all__ = ["DeliverMessage"]
+
+# Temporal retries the send activity only when a worker is lost or the activity breaks;
+# SMTP answers are returned as data and follow the transport's own schedule.
+_SEND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=2),
+    maximum_attempts=4,
+)
+_LOCAL_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
+# Resumed groups whose retry fell due during the pause start within this spread, so a
+# server back from maintenance is not hit by the whole backlog in the same second.
+_RESUME_JITTER_SECONDS = 30.0
+
+
+@dataclass
+class _Group:
+    spec: DeliveryGroup
+    index: int
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    reports: dict[str, RecipientReport] = field(default_factory=dict)
+
+    def pending(self) -> list[str]:
+        return [
+            a
+            for a, r in self.reports.items()
+            if r.state in (RecipientState.PENDING, RecipientState.DEFERRED)
+        ]
+
+
+@workflow.defn
+class DeliverMessage:
+    @workflow.init
+    def __init__(self, msg: DeliverInput) -> None:
+        self._msg = msg
+        self._groups = [
+            _Group(
+                spec=g,
+                index=i,
+                reports={
+                    r.address: RecipientReport(address=r.address, transport=g.transport)
+                    for r in g.recipients
+                },
+            )
+            for i, g in enumerate(msg.groups)
+        ]
+        self._paused_scopes: set[str] = set()
+        self._paused_since: datetime | None = None
+        self._paused_total = timedelta()
+        self._retry_generation = 0
+        self._stop: str | None = None  # "bounce" or "delete"
+        self._notes: list[str] = []
+        self._done = False
+
+    # ---- operator controls (signals and the status query) -------------------------------
+
+    @workflow.signal
+    def pause(self, sig: ControlSignal) -> None:
+        if self._done:
+            return
+        if not self._paused_scopes:
+            self._paused_since = workflow.now()
+        self._paused_scopes.add(sig.scope)
+
+    @workflow.signal
+    def resume(self, sig: ControlSignal) -> None:
+        self._paused_scopes.discard(sig.scope)
+        if not self._paused_scopes and self._paused_since is not None:
+            self._paused_total += workflow.now() - self._paused_since
+            self._paused_since = None
+
+    @workflow.signal
+    def retry_now(self, sig: ControlSignal) -> None:
+        self._retry_generation += 1
+
+    @workflow.signal
+    def bounce(self, sig: ControlSignal) -> None:
+        self._stop = self._stop or "bounce"
+
+    @workflow.signal
+    def delete(self, sig: ControlSignal) -> None:
+        self._stop = "delete"
+
+    @workflow.query
+    def status(self) -> DeliveryReport:
+        return self._report()
+
+    # ---- the message ----------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, msg: DeliverInput) -> DeliveryReport:
+        await asyncio.gather(*(self._deliver_group(g) for g in self._groups))
+        self._done = True
+        await workflow.execute_local_activity_method(
+            SpoolActivities.remove_body,
+            msg.spool_key,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=_LOCAL_RETRY,
+        )
+        workflow.upsert_search_attributes(
+            [
+                search.DELIVERY_STATE.value_set(self._final_state()),
+                search.ATTEMPTS.value_set(max(g.attempts for g in self._groups)),
+            ]
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self._report()
+
+    async def _deliver_group(self, group: _Group) -> None:
+        spec = group.spec
+        while group.pending():
+            await self._wait_for_turn(group)
+            if self._stop:
+                self._settle_stopped(group)
+                return
+            group.attempts += 1
+            group.next_attempt_at = None
+            if group.attempts > 1:
+                workflow.upsert_search_attributes(
+                    [
+                        search.DELIVERY_STATE.value_set("sending"),
+                        search.ATTEMPTS.value_set(group.attempts),
+                    ]
+                )
+            outcomes = await self._attempt(group)
+            failed_now = self._apply(group, outcomes)
+            if failed_now:
+                await self._report_failures(group, failed_now, gave_up=False)
+            if not group.pending():
+                return
+            delay = spec.schedule.delay_after(group.attempts)
+            if delay is not None and self._past_max_age(spec):
+                self._notes.append(f"{spec.domain}: max_age reached after {group.attempts}")
+                delay = None
+            if delay is None:
+                await self._give_up(group)
+                return
+            group.next_attempt_at = workflow.now() + delay
+            workflow.upsert_search_attributes(
+                [
+                    search.DELIVERY_STATE.value_set("deferred"),
+                    search.ATTEMPTS.value_set(group.attempts),
+                    search.NEXT_ATTEMPT_AT.value_set(group.next_attempt_at),
+                ]
+            )
+
+    async def _attempt(self, group: _Group) -> list[RecipientOutcome]:
+        spec, pending = group.spec, group.pending()
+        resolved = await workflow.execute_local_activity_method(
+            ResolveActivities.resolve_destination,
+            ResolveRequest(transport=spec.transport, domain=spec.domain),
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=_LOCAL_RETRY,
+            summary=f"resolve {spec.domain} via {spec.transport}",
+        )
+        if resolved.error is not None:
+            return [_from_error(a, resolved.error, "dns") for a in pending]
+        first = resolved.hosts[0].name if resolved.hosts else spec.domain
+        rcpts = [r for r in spec.recipients if r.address in pending]
+        try:
+            result = await workflow.execute_activity_method(
+                SmtpActivities.send_message,
+                SendRequest(
+                    queue_id=self._msg.queue_id,
+                    spool_key=self._msg.spool_key,
+                    transport=spec.transport,
+                    domain=spec.domain,
+                    mail_from=self._msg.mail_from,
+                    recipients=rcpts,
+                    hosts=resolved.hosts,
+                    attempt=group.attempts,
+                    size=self._msg.size,
+                    ret=self._msg.ret,
+                    envid=self._msg.envid,
+                    smtputf8=self._msg.smtputf8,
+                    body_8bit=self._msg.body_8bit,
+                ),
+                start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(seconds=60),
+                retry_policy=_SEND_RETRY,
+                summary=f"attempt {group.attempts} to {first}",
+            )
+        except ActivityError as err:
+            # The activity broke or its worker was lost repeatedly: a temporary problem on
+            # our side, which must not cost the message; it waits like any deferral.
+            cause = err.cause or err
+            error = DeliveryError(permanent=False, enhanced="4.3.0", text=f"internal: {cause}")
+            return [_from_error(a, error, "internal") for a in pending]
+        return result.recipients
+
+    def _apply(self, group: _Group, outcomes: list[RecipientOutcome]) -> list[str]:
+        """Records this attempt's outcomes; returns the recipients that failed permanently."""
+        now = workflow.now()
+        failed: list[str] = []
+        for out in outcomes:
+            report = group.reports.get(out.address)
+            if report is None or report.state not in (
+                RecipientState.PENDING,
+                RecipientState.DEFERRED,
+            ):
+                continue
+            report.state = out.state
+            report.code, report.enhanced, report.text = out.code, out.enhanced, out.text
+            report.remote_host, report.remote_ip, report.stage = (
+                out.remote_host,
+                out.remote_ip,
+                out.stage,
+            )
+            report.attempts = group.attempts
+            report.last_attempt_at = now
+            if out.state == RecipientState.FAILED:
+                failed.append(out.address)
+        return failed
+
+    async def _give_up(self, group: _Group) -> None:
+        gave_up = group.pending()
+        for address in gave_up:
+            report = group.reports[address]
+            report.state = RecipientState.FAILED
+            report.note = f"gave up after {group.attempts} attempts"
+        await self._report_failures(group, gave_up, gave_up=True)
+
+    def _settle_stopped(self, group: _Group) -> None:
+        for address in group.pending():
+            report = group.reports[address]
+            if self._stop == "delete":
+                report.state = RecipientState.DISCARDED
+                report.note = "deleted by operator"
+            else:
+                report.state = RecipientState.FAILED
+                report.note = "bounced by operator"
+
+    async def _report_failures(self, group: _Group, addresses: list[str], gave_up: bool) -> None:
+        """The transport's give-up action for recipients that just failed for good."""
+        spec = group.spec
+        if spec.on_give_up == "discard" or not self._msg.mail_from or self._msg.is_report:
+            why = (
+                "transport discards"
+                if spec.on_give_up == "discard"
+                else "never report on a report or a null-sender message"
+            )
+            for address in addresses:
+                group.reports[address].note = _join(group.reports[address].note, why)
+            return
+        reports = [group.reports[a] for a in addresses]
+        await workflow.execute_activity_method(
+            ReportActivities.send_failure_report,
+            FailureReportRequest(message=self._msg, recipients=reports, gave_up=gave_up),
+            start_to_close_timeout=timedelta(minutes=2),
+            retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=5)),
+            summary=f"report {len(reports)} failed recipient(s) to {self._msg.mail_from}",
+        )
+
+    # ---- waiting ------------------------------------------------------------------------
+
+    def _group_paused(self, group: _Group) -> bool:
+        return any(scope_matches(s, group.spec) for s in self._paused_scopes)
+
+    async def _wait_for_turn(self, group: _Group) -> None:
+        """Returns when the group may attempt: due, not paused, or told to stop or retry."""
+        generation = self._retry_generation
+        was_paused = False
+        while not self._stop:
+            if self._group_paused(group):
+                was_paused = True
+                workflow.upsert_search_attributes([search.DELIVERY_STATE.value_set("paused")])
+                await workflow.wait_condition(
+                    lambda: self._stop is not None or not self._group_paused(group)
+                )
+                continue
+            due = group.next_attempt_at
+            if generation != self._retry_generation or due is None:
+                return
+            remaining = due - workflow.now()
+            if remaining <= timedelta(0):
+                if was_paused:
+                    # Held past its due time: go soon, but not all at once with the others.
+                    jitter = workflow.random().uniform(0, _RESUME_JITTER_SECONDS)
+                    await workflow.sleep(jitter, summary="resume jitter")
+                return
+            last = group.reports[group.pending()[0]]
+            why = f"{last.code} {last.enhanced}" if last.code else (last.enhanced or "")
+            try:
+                await workflow.wait_condition(
+                    lambda: (
+                        self._stop is not None
+                        or self._group_paused(group)
+                        or generation != self._retry_generation
+                    ),
+                    timeout=remaining,
+                    timeout_summary=(
+                        f"retry {group.attempts + 1} in {_minutes(remaining)} after {why}"
+                    ).strip(),
+                )
+            except TimeoutError:
+                if not self._group_paused(group):
+                    return
+
+    def _past_max_age(self, spec: DeliveryGroup) -> bool:
+        if spec.max_age_seconds is None:
+            return False
+        paused = self._paused_total
+        if self._paused_since is not None:
+            paused += workflow.now() - self._paused_since
+        queued = workflow.now() - self._msg.arrival - paused
+        return queued >= timedelta(seconds=spec.max_age_seconds)
+
+    # ---- reporting ----------------------------------------------------------------------
+
+    def _final_state(self) -> str:
+        states = {r.state for g in self._groups for r in g.reports.values()}
+        if states == {RecipientState.DELIVERED}:
+            return "delivered"
+        if self._stop == "delete" or states == {RecipientState.DISCARDED}:
+            return "discarded"
+        if self._stop == "bounce":
+            return "bounced"
+        if RecipientState.DELIVERED in states:
+            return "partial"
+        return "failed"
+
+    def _report(self) -> DeliveryReport:
+        due = [g.next_attempt_at for g in self._groups if g.next_attempt_at and g.pending()]
+        return DeliveryReport(
+            queue_id=self._msg.queue_id,
+            mail_from=self._msg.mail_from,
+            recipients=[r for g in self._groups for r in g.reports.values()],
+            done=self._done,
+            next_attempt_at=min(due) if due else None,
+            paused=bool(self._paused_scopes),
+            paused_by=sorted(self._paused_scopes),
+            notes=list(self._notes),
+        )
+
+
+def _from_error(address: str, error: DeliveryError, stage: str) -> RecipientOutcome:
+    return RecipientOutcome(
+        address=address,
+        state=RecipientState.FAILED if error.permanent else RecipientState.DEFERRED,
+        code=error.code,
+        enhanced=error.enhanced,
+        text=error.text,
+        remote_host=error.remote_host,
+        remote_ip=error.remote_ip,
+        stage=stage,
+    )
+
+
+def _minutes(span: timedelta) -> str:
+    minutes = span.total_seconds() / 60
+    return f"{minutes:.0f} min" if minutes >= 1 else f"{span.total_seconds():.0f} s"
+
+
+def _join(note: str | None, extra: str) -> str:
+    return f"{note}; {extra}" if note else extra
