@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install up test test-slow lint format bench clean
+.PHONY: install up test test-slow lint format record-histories clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# Re-record the replay corpus (tests/histories/*.json) from the representative tests.
+record-histories: install
+	POSTFLOW_RECORD_HISTORIES=1 $(BIN)/python -m pytest -q -k "not replay"
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,29 +11,41 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.control import ControlActivities, ScopeCache
 from activities.report import ReportActivities
 from activities.resolve import ResolveActivities
 from activities.smtp import SmtpActivities
 from activities.spool import SpoolActivities
 from postflow.config import Config, load_config
-from postflow.constants import PRIORITY_TASK_QUEUE, TASK_QUEUE
-from postflow.spool import FsSpool
+from postflow.constants import CONTROL_TASK_QUEUE, PRIORITY_TASK_QUEUE, TASK_QUEUE
+from postflow.spool import open_spool
 from postflow.temporal import connect
+from workflows.control import QueueControl
 from workflows.deliver import DeliverMessage
 
-__all__ = ["WORKFLOWS", "build_activities", "build_workers", "main", "run_worker"]
+__all__ = [
+    "ALL_WORKFLOWS",
+    "WORKFLOWS",
+    "build_activities",
+    "build_control_worker",
+    "build_workers",
+    "main",
+    "run_worker",
+]
 
 log = logging.getLogger("postflow.worker")
 
 WORKFLOWS: list[type] = [DeliverMessage]
+# Every workflow type any Postflow worker runs: the replay test checks them all.
+ALL_WORKFLOWS: list[type] = [*WORKFLOWS, QueueControl]
 
 
 def build_activities(config: Config, client: Client) -> list[Any]:
-    spool = FsSpool(config.spool.path)
-    resolve = ResolveActivities(config)
+    spool = open_spool(config.spool)
+    resolve = ResolveActivities(config, scopes=ScopeCache(client))
     smtp = SmtpActivities(config, spool)
     spool_acts = SpoolActivities(spool)
-    report = ReportActivities()
+    report = ReportActivities(client, config, spool)
     return [
         resolve.resolve_destination,
         smtp.send_message,
@@ -74,13 +86,26 @@ def build_workers(
     return workers
 
 
+def build_control_worker(
+    client: Client, config: Config, task_queue: str = CONTROL_TASK_QUEUE
+) -> Worker:
+    """QueueControl and its fan-out activity, on their own queue so bulk mail never delays them."""
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[QueueControl],
+        activities=[ControlActivities(client).fan_out],
+        identity=f"{config.worker.identity}/{task_queue}" if config.worker.identity else None,
+    )
+
+
 async def run_worker(config: Config, stop: asyncio.Event | None = None) -> None:
     client = await connect(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    workers = build_workers(client, config)
+    workers = [*build_workers(client, config), build_control_worker(client, config)]
     log.info("worker serving %s on %s", [w.task_queue for w in workers], config.temporal.address)
 
     async def _serve(worker: Worker) -> None:

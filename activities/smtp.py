@@ -1,229 +1,227 @@
-"""The SMTP delivery activity: the only module that opens outbound SMTP connections.
+"""The `send_message` activity: one delivery attempt over the resolved hosts, in order.
 
-It tries the resolved hosts in order and returns one outcome per recipient; it never
-decides retry policy. It raises only for trouble on our side (spool unreadable).
+It reads the body and the SASL password (by reference) itself, runs one SMTP session per
+address until every recipient has an answer, and returns one outcome per recipient plus a
+record of every session (`tries`, with the TLS outcome). It never decides retry policy and
+raises only for trouble on our side (spool unreadable). Heartbeats carry the current step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
-from dataclasses import dataclass, field
+from contextlib import suppress
+from types import TracebackType
 
-import aiosmtplib
+from aiosmtplib.email import quote_address
 from temporalio import activity
 
-from postflow.config import Config, TransportSettings
-from postflow.models import (
-    HostTry,
-    MxHost,
-    Recipient,
-    RecipientOutcome,
-    RecipientState,
-    SendRequest,
-    SendResult,
-)
-from postflow.replies import clean_text, outcome_from_reply
+from activities.smtp_session import SessionResult, SessionSpec, SmtpSession
+from activities.smtp_wire import prepare_body
+from postflow.config import Config
+from postflow.models import HostTry, MxHost, Recipient, RecipientOutcome, SendRequest, SendResult
+from postflow.replies import Policy, Stage, Trouble, Verdict, judge_trouble
+from postflow.secrets import SecretError, read_password
 from postflow.spool import FsSpool
+from postflow.tls_policy import TlsConfigError, TlsPolicy
 
 __all__ = ["SmtpActivities"]
 
-
-class _HostFailed(Exception):
-    """This host could not take the message; try the next one. Carries the would-be outcome."""
-
-    def __init__(self, code: int | None, enhanced: str, text: str, stage: str) -> None:
-        super().__init__(text)
-        self.code, self.enhanced, self.text, self.stage = code, enhanced, clean_text(text), stage
+# Leave this much of the activity's start-to-close timeout to return a result in: a
+# result beats a timeout, which Temporal would retry with no record of this attempt.
+_RESULT_MARGIN_SECONDS = 30.0
+_REDACTED = "<redacted>"
 
 
-@dataclass
-class _Session:
-    host: MxHost
-    ip: str
-    transport: TransportSettings
-    outcomes: list[RecipientOutcome] = field(default_factory=list)
-    dsn: bool = False
+class _Heartbeat:
+    """Heartbeats with the current step, also while a session waits on a slow server."""
+
+    def __init__(self) -> None:
+        self.step = "starting"
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, step: str) -> None:
+        self.step = step
+        activity.heartbeat(step)
+
+    async def __aenter__(self) -> _Heartbeat:
+        timeout = activity.info().heartbeat_timeout
+        # The SDK throttles what it sends; beating well inside the timeout is cheap.
+        interval = min(timeout.total_seconds() / 3, 10.0) if timeout else 10.0
+        self._task = asyncio.create_task(self._beat_every(max(interval, 0.01)))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _beat_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            activity.heartbeat(self.step)
 
 
 class SmtpActivities:
     def __init__(self, config: Config, spool: FsSpool) -> None:
         self._config = config
         self._spool = spool
+        self._tls: dict[str, TlsPolicy] = {}
+
+    async def _tls_policy(self, name: str) -> TlsPolicy:
+        policy = self._tls.get(name)
+        if policy is None:
+            settings = self._config.transport(name)
+            # Loading CA bundles reads files: off the event loop, once per transport.
+            policy = await asyncio.to_thread(
+                TlsPolicy.from_settings, settings, f"transports.{name}"
+            )
+            self._tls[name] = policy
+        return policy
 
     @activity.defn(name="send_message")
     async def send_message(self, req: SendRequest) -> SendResult:
         transport = self._config.transport(req.transport)
+        sasl = transport.sasl
+        policy = Policy(
+            soft_bounce=self._config.delivery.soft_bounce,
+            auth_failure=sasl.auth_failure if sasl else "defer",
+        )
         body = await asyncio.to_thread(self._spool.read, req.spool_key)
+        outcomes = _bad_addresses(req, policy)
+        pending = [r for r in req.recipients if r.address not in outcomes]
+        if not pending:
+            return SendResult(recipients=[outcomes[r.address] for r in req.recipients])
+        password: str | None = None
+        try:
+            tls = await self._tls_policy(req.transport)
+            if sasl is not None:
+                where = f"transports.{req.transport}.sasl"
+                password = await asyncio.to_thread(read_password, sasl, where)
+        except (TlsConfigError, SecretError) as exc:
+            verdict = judge_trouble(Trouble.LOCAL_CONFIG, Stage.CONNECT, str(exc), policy)
+            outcomes.update({r.address: verdict.outcome(r.address, None, None) for r in pending})
+            return SendResult(recipients=[outcomes[r.address] for r in req.recipients])
+        spec = SessionSpec(
+            settings=self._config.smtp,
+            tls=tls,
+            policy=policy,
+            request=req,
+            payload=prepare_body(body),
+            size=max(req.size, len(body)),
+            needs_smtputf8=_needs_smtputf8(req, body),
+            body_8bit=req.body_8bit or not body.isascii(),
+            sasl=sasl,
+            password=password,
+        )
+        result = await self._attempt(spec, req.hosts[: transport.max_mx_hosts], pending, outcomes)
+        return _redact(result, password) if password else result
+
+    async def _attempt(
+        self,
+        spec: SessionSpec,
+        hosts: list[MxHost],
+        pending: list[Recipient],
+        outcomes: dict[str, RecipientOutcome],
+    ) -> SendResult:
+        req = spec.request
         tries: list[HostTry] = []
-        last: _HostFailed | None = None
-        last_host: tuple[str | None, str | None] = (None, None)
-        for host in req.hosts[: transport.max_mx_hosts]:
-            for ip in host.addresses:
-                activity.heartbeat(f"{host.name} [{ip}]:{host.port}")
-                session = _Session(host=host, ip=ip, transport=transport)
-                try:
-                    await self._deliver(session, req, body)
-                except _HostFailed as failed:
-                    tries.append(HostTry(host=host.name, ip=ip, port=host.port, error=failed.text))
-                    last, last_host = failed, (host.name, ip)
-                    continue
-                tries.append(HostTry(host=host.name, ip=ip, port=host.port))
-                return SendResult(
-                    recipients=session.outcomes, tries=tries, dsn_announced=session.dsn
-                )
-        assert last is not None or not req.hosts
-        failure = last or _HostFailed(None, "4.4.4", "no host to try", "connect")
-        outcomes = [
-            RecipientOutcome(
-                address=r.address,
-                state=RecipientState.DEFERRED,
-                code=failure.code,
-                enhanced=failure.enhanced,
-                text=failure.text,
-                remote_host=last_host[0],
-                remote_ip=last_host[1],
-                stage=failure.stage,
-            )
-            for r in req.recipients
-        ]
-        return SendResult(recipients=outcomes, tries=tries)
-
-    async def _deliver(self, session: _Session, req: SendRequest, body: bytes) -> None:
-        smtp_cfg = self._config.smtp
-        host, ip = session.host, session.ip
-        client = aiosmtplib.SMTP(
-            hostname=ip,
-            port=host.port,
-            local_hostname=smtp_cfg.helo_name,
-            timeout=smtp_cfg.connect_timeout.total_seconds(),
-            start_tls=False,
-            validate_certs=False,
-        )
-        try:
-            await self._open(client, session)
-            await self._transaction(client, session, req, body)
-        finally:
-            if client.is_connected:
-                try:
-                    await client.quit(timeout=10)
-                except (aiosmtplib.SMTPException, OSError):
-                    client.close()
-
-    async def _open(self, client: aiosmtplib.SMTP, session: _Session) -> None:
-        smtp_cfg = self._config.smtp
-        try:
-            await client.connect(timeout=smtp_cfg.connect_timeout.total_seconds())
-        except aiosmtplib.SMTPConnectResponseError as exc:
-            raise _HostFailed(exc.code, _enh(exc.code), exc.message, "greeting") from None
-        except aiosmtplib.SMTPConnectTimeoutError as exc:
-            raise _HostFailed(None, "4.4.1", f"connect timeout: {exc}", "connect") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _HostFailed(None, "4.4.1", f"connect failed: {exc}", "connect") from None
-        try:
-            try:
-                await client.ehlo(timeout=smtp_cfg.command_timeout.total_seconds())
-            except aiosmtplib.SMTPHeloError:
-                await client.helo(timeout=smtp_cfg.command_timeout.total_seconds())
-            if session.transport.tls != "none" and client.supports_extension("starttls"):
-                context = ssl.create_default_context()
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-                await client.starttls(tls_context=context, server_hostname=session.host.name)
-            elif session.transport.tls in ("required", "verify"):
-                raise _HostFailed(
-                    None, "4.7.4", "TLS is required but the server does not offer STARTTLS", "tls"
-                )
-        except aiosmtplib.SMTPResponseException as exc:
-            raise _HostFailed(exc.code, _enh(exc.code), exc.message, "ehlo") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _HostFailed(None, "4.4.2", f"session failed: {exc}", "ehlo") from None
-        session.dsn = client.supports_extension("dsn")
-
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, session: _Session, req: SendRequest, body: bytes
-    ) -> None:
-        smtp_cfg = self._config.smtp
-        soft = self._config.delivery.soft_bounce
-        where = {"host": session.host.name, "ip": session.ip}
-        command_timeout = smtp_cfg.command_timeout.total_seconds()
-        try:
-            await client.mail(
-                req.mail_from, options=_mail_options(client, req), timeout=command_timeout
-            )
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code >= 500:
-                session.outcomes = [
-                    outcome_from_reply(
-                        r.address, exc.code, exc.message, stage="mail", soft_bounce=soft, **where
-                    )
-                    for r in req.recipients
-                ]
-                return
-            raise _HostFailed(exc.code, _enh(exc.code), exc.message, "mail") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise _HostFailed(None, "4.4.2", f"lost connection at MAIL: {exc}", "mail") from None
-
-        accepted: list[Recipient] = []
-        for rcpt in req.recipients:
-            try:
-                await client.rcpt(
-                    rcpt.address, options=_rcpt_options(client, rcpt), timeout=command_timeout
-                )
-                accepted.append(rcpt)
-            except aiosmtplib.SMTPResponseException as exc:
-                session.outcomes.append(
-                    outcome_from_reply(
-                        rcpt.address, exc.code, exc.message, stage="rcpt", soft_bounce=soft, **where
-                    )
-                )
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                raise _HostFailed(
-                    None, "4.4.2", f"lost connection at RCPT: {exc}", "rcpt"
-                ) from None
-        if not accepted:
-            return
-        try:
-            reply = await client.data(body, timeout=smtp_cfg.final_timeout.total_seconds())
-            code, text = reply.code, reply.message
-        except aiosmtplib.SMTPResponseException as exc:
-            code, text = exc.code, exc.message
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            # Cut mid-DATA: the server may or may not have the message; deferring risks a
-            # duplicate, never a loss.
-            code, text = 451, f"4.4.2 connection lost during DATA: {exc}"
-            where = {"host": session.host.name, "ip": session.ip}
-        session.outcomes.extend(
-            outcome_from_reply(r.address, code, text, stage="data", soft_bounce=soft, **where)
-            for r in accepted
+        last: Verdict | None = None
+        last_at: tuple[str | None, str | None] = (None, None)
+        dsn = False
+        timeout = activity.info().start_to_close_timeout
+        loop = asyncio.get_running_loop()
+        deadline = None
+        if timeout:
+            seconds = timeout.total_seconds()
+            deadline = loop.time() + seconds - min(_RESULT_MARGIN_SECONDS, seconds / 10)
+        async with _Heartbeat() as beat:
+            for host, ip in ((h, ip) for h in hosts for ip in h.addresses):
+                result = await _session(spec, host, ip, pending, beat, deadline)
+                tries.append(result.tried)
+                if result.retry_plaintext:
+                    # Postfix's `may`: a failed handshake is retried once without TLS.
+                    result = await _session(spec, host, ip, pending, beat, deadline, True)
+                    tries.append(result.tried)
+                outcomes.update({o.address: o for o in result.settled})
+                pending = [r for r in pending if r.address not in outcomes]
+                dsn = dsn or result.dsn_announced
+                if result.failure is None:
+                    break
+                last, last_at = result.failure, (host.name, ip)
+                if not result.failure.next_host or not pending:
+                    break
+        if pending:
+            nothing = judge_trouble(Trouble.NO_HOSTS, Stage.CONNECT, req.domain, spec.policy)
+            verdict = last or nothing
+            outcomes.update({r.address: verdict.outcome(r.address, *last_at) for r in pending})
+        return SendResult(
+            recipients=[outcomes[r.address] for r in req.recipients],
+            tries=tries,
+            dsn_announced=dsn,
         )
 
 
-def _enh(code: int) -> str:
-    return "5.0.0" if code >= 500 else "4.0.0"
+async def _session(
+    spec: SessionSpec,
+    host: MxHost,
+    ip: str,
+    recipients: list[Recipient],
+    beat: _Heartbeat,
+    deadline: float | None,
+    plaintext: bool = False,
+) -> SessionResult:
+    session = SmtpSession(spec, host, ip, recipients, beat, plaintext=plaintext)
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await session.run()
+    except TimeoutError:
+        return session.out_of_time()
 
 
-def _mail_options(client: aiosmtplib.SMTP, req: SendRequest) -> list[str]:
-    options = []
-    if req.size and client.supports_extension("size"):
-        options.append(f"SIZE={req.size}")
-    if req.body_8bit and client.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
-    if req.smtputf8 and client.supports_extension("smtputf8"):
-        options.append("SMTPUTF8")
-    if client.supports_extension("dsn"):
-        if req.ret:
-            options.append(f"RET={req.ret}")
-        if req.envid:
-            options.append(f"ENVID={req.envid}")
-    return options
+def _bad_addresses(req: SendRequest, policy: Policy) -> dict[str, RecipientOutcome]:
+    """Addresses that cannot go on a command line fail here, before any connection."""
+    try:
+        quote_address(req.mail_from)
+    except ValueError:
+        verdict = judge_trouble(Trouble.BAD_ADDRESS, Stage.MAIL, "sender", policy)
+        return {r.address: verdict.outcome(r.address, None, None) for r in req.recipients}
+    bad: dict[str, RecipientOutcome] = {}
+    for rcpt in req.recipients:
+        try:
+            quote_address(rcpt.address)
+        except ValueError:
+            verdict = judge_trouble(Trouble.BAD_ADDRESS, Stage.RCPT, "recipient", policy)
+            bad[rcpt.address] = verdict.outcome(rcpt.address, None, None)
+    return bad
 
 
-def _rcpt_options(client: aiosmtplib.SMTP, rcpt: Recipient) -> list[str]:
-    options = []
-    if client.supports_extension("dsn"):
-        if rcpt.notify:
-            options.append("NOTIFY=" + ",".join(rcpt.notify))
-        if rcpt.orcpt:
-            options.append(f"ORCPT={rcpt.orcpt}")
-    return options
+def _needs_smtputf8(req: SendRequest, body: bytes) -> bool:
+    """RFC 6531: non-ASCII addresses, or non-ASCII headers in a message sent with SMTPUTF8."""
+    if not req.mail_from.isascii() or not all(r.address.isascii() for r in req.recipients):
+        return True
+    if req.smtputf8:
+        end = body.find(b"\n\n") if b"\r\n\r\n" not in body else body.find(b"\r\n\r\n")
+        return not body[: end if end >= 0 else len(body)].isascii()
+    return False
+
+
+def _redact(result: SendResult, password: str) -> SendResult:
+    """Defence in depth: a server that echoes a credential must not put it in history."""
+
+    def clean(text: str | None) -> str | None:
+        return text.replace(password, _REDACTED) if text else text
+
+    return result.model_copy(
+        update={
+            "recipients": [
+                o.model_copy(update={"text": clean(o.text) or ""}) for o in result.recipients
+            ],
+            "tries": [t.model_copy(update={"error": clean(t.error)}) for t in result.tries],
+        }
+    )

@@ -1,18 +1,18 @@
-"""Spool housekeeping activities: the workflow's only way to touch a body on disk."""
+"""Spool housekeeping activities: the workflow's only way to touch a stored body."""
 
 from __future__ import annotations
 
 from temporalio import activity
 
-from postflow.spool import FsSpool
+from postflow.spool import Spool
 
 __all__ = ["SpoolActivities"]
 
 
 class SpoolActivities:
-    def __init__(self, spool: FsSpool) -> None:
+    def __init__(self, spool: Spool) -> None:
         self._spool = spool
 
     @activity.defn(name="remove_body")
     async def remove_body(self, spool_key: str) -> bool:
-        return self._spool.delete(spool_key)
+        return await self._spool.adelete(spool_key)

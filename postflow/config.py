@@ -6,6 +6,7 @@ An invalid file fails with one line per problem naming the key and the bad value
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -110,10 +111,84 @@ class IngestSettings(_Strict):
     max_sessions: int = Field(500, gt=0)
     idle_timeout: Duration = timedelta(minutes=5)
     allow_networks: list[str] = ["127.0.0.0/8", "::1/128"]
+    # Port-587 style listener: AUTH (after STARTTLS) required for every message.
+    listen_submission: Listen | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    users_file: str | None = None  # made by `postflow passwd USER`
+    drain_timeout: Duration = timedelta(seconds=60)
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a network (e.g. 192.0.2.0/24)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _auth_needs_tls(self) -> IngestSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.users_file and not self.tls_cert_file:
+            raise ValueError("users_file needs tls_cert_file: AUTH is offered only after STARTTLS")
+        if self.listen_submission and not self.users_file:
+            raise ValueError("listen_submission needs users_file: AUTH is required there")
+        return self
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_env_name(value: str | None) -> str | None:
+    if value is not None and not _ENV_NAME.match(value):
+        raise ValueError("not an environment variable name")
+    return value
+
+
+def _check_endpoint(value: str | None) -> str | None:
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError("not a URL (e.g. http://127.0.0.1:8333)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL")
+    return value
+
+
+EnvName = Annotated[str | None, BeforeValidator(_check_env_name)]
 
 
 class SpoolSettings(_Strict):
+    """Where bodies live: a directory, or a bucket on an S3-compatible store (several hosts)."""
+
+    backend: Literal["fs", "s3"] = "fs"
     path: str = "var/spool"
+    # backend = "s3": no endpoint means AWS S3 in `region`.
+    endpoint: Annotated[str | None, BeforeValidator(_check_endpoint)] = None
+    bucket: str | None = None
+    prefix: str = ""
+    region: str = "us-east-1"
+    # Names of environment variables holding the keys, never the keys; give both or
+    # neither (then the AWS default chain: AWS_* variables, instance or pod identity).
+    access_key_env: EnvName = None
+    secret_key_env: EnvName = None
+    max_connections: int = Field(50, gt=0)
+
+    @model_validator(mode="after")
+    def _s3(self) -> SpoolSettings:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError('bucket: required when backend = "s3"')
+        if (self.access_key_env is None) != (self.secret_key_env is None):
+            raise ValueError("give both access_key_env and secret_key_env, or neither")
+        return self
 
 
 class SmtpSettings(_Strict):
@@ -126,6 +201,8 @@ class SmtpSettings(_Strict):
     data_timeout: Duration = timedelta(seconds=120)
     block_timeout: Duration = timedelta(seconds=180)
     final_timeout: Duration = timedelta(seconds=600)
+    # RFC 2920: send MAIL, RCPT... and DATA together when the server offers PIPELINING.
+    pipelining: bool = True
 
 
 class SaslSettings(_Strict):
@@ -161,6 +238,9 @@ class TransportSettings(_Strict):
     nxdomain: Literal["bounce", "defer"] = "bounce"
     ip_version: Literal["any", "ipv4", "ipv6"] = "any"
     max_mx_hosts: int = Field(5, gt=0)
+    # Per DNS query, all servers and retries included; capped so that a whole resolution
+    # fits the workflow's 60 s limit for the resolve activity.
+    dns_timeout: Duration = Field(timedelta(seconds=10), gt=timedelta(0), le=timedelta(seconds=15))
 
     @field_validator("destination")
     @classmethod
@@ -170,6 +250,30 @@ class TransportSettings(_Strict):
         except DestinationError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("tls_fingerprints")
+    @classmethod
+    def _fingerprints(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            digits = item.strip().lower().removeprefix("sha256:").replace(":", "")
+            if not re.fullmatch(r"[0-9a-f]{64}", digits):
+                raise ValueError(f'"{item}" is not a SHA-256 fingerprint (sha256:AB:CD:...)')
+        return value
+
+    @model_validator(mode="after")
+    def _tls_consistent(self) -> TransportSettings:
+        if self.tls != "verify":
+            for key in ("tls_ca_file", "tls_verify_names", "tls_fingerprints"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f'{key} is only used with tls = "verify", not "{self.tls}"')
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file needs tls_cert_file")
+        if self.sasl and self.tls == "none" and not self.sasl.allow_plaintext:
+            raise ValueError(
+                'sasl with tls = "none" would send the password in clear: '
+                "use TLS or set sasl.allow_plaintext = true"
+            )
+        return self
 
     @property
     def schedule(self) -> RetrySchedule:
@@ -205,12 +309,21 @@ class DeliverySettings(_Strict):
     soft_bounce: bool = False
 
 
+class DsnSettings(_Strict):
+    """Delivery status notifications (RFC 3464) that Postflow sends to senders."""
+
+    # RET=FULL returns the whole message only up to this size, else its headers
+    # (Postfix's bounce_size_limit).
+    return_size_limit: int = Field(50_000, ge=0)
+
+
 class Config(_Strict):
     temporal: TemporalSettings = TemporalSettings()
     ingest: IngestSettings = IngestSettings()
     spool: SpoolSettings = SpoolSettings()
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     delivery: DeliverySettings = DeliverySettings()
+    dsn: DsnSettings = DsnSettings()
     worker: WorkerSettings = WorkerSettings()
     transports: dict[str, TransportSettings] = {"default": TransportSettings()}
     routes: list[Route] = []

@@ -119,7 +119,10 @@ def parse_host_port(text: str, default_port: int) -> HostPort:
 def _parse_server(spec: str) -> ServerDestination:
     if not spec.strip():
         raise DestinationError("server: needs at least one host")
-    hosts = [parse_host_port(part, SMTP_PORT) for part in spec.split(",")]
+    try:
+        hosts = [parse_host_port(part, SMTP_PORT) for part in spec.split(",")]
+    except DestinationError as exc:
+        raise DestinationError(f"server:{spec}: {exc}") from None
     return ServerDestination(hosts=hosts)
 
 
@@ -128,9 +131,13 @@ def _parse_lookup_mx(spec: str) -> LookupMxDestination:
     query: list[HostPort] = []
     port = SMTP_PORT
     seen: set[str] = set()
-    for option in spec.split(";") if spec else []:
+    if not spec.strip():
+        raise DestinationError("lookup-mx: no options after ':' (zone=, query=, port=)")
+    for option in spec.split(";"):
         name, eq, value = option.partition("=")
         name, value = name.strip(), value.strip()
+        if not option.strip():
+            raise DestinationError(f"lookup-mx: empty option in {spec!r} (stray ';')")
         if not eq:
             raise DestinationError(f"lookup-mx option {option!r} is not name=value")
         if name in seen:
@@ -143,7 +150,10 @@ def _parse_lookup_mx(spec: str) -> LookupMxDestination:
         elif name == "query":
             if not value:
                 raise DestinationError("lookup-mx query= needs at least one DNS server")
-            query = [parse_host_port(part, DNS_PORT) for part in value.split(",")]
+            try:
+                query = [parse_host_port(part, DNS_PORT) for part in value.split(",")]
+            except DestinationError as exc:
+                raise DestinationError(f"lookup-mx query={value}: {exc}") from None
         elif name == "port":
             port = _port(value, "lookup-mx port")
         else:

@@ -115,11 +115,23 @@ class DeliveryError(BaseModel):
     remote_host: str | None = None
     remote_ip: str | None = None
 
+    def softened(self) -> DeliveryError:
+        """`[delivery] soft_bounce`: the same failure, but temporary (class 4), so retried."""
+        if not self.permanent:
+            return self
+        enhanced = "4" + self.enhanced[1:] if self.enhanced[:1] == "5" else self.enhanced
+        return self.model_copy(
+            update={"permanent": False, "enhanced": enhanced, "text": f"{self.text} (soft_bounce)"}
+        )
+
 
 class ResolveResult(BaseModel):
     hosts: list[MxHost] = []
     error: DeliveryError | None = None
     notes: list[str] = []
+    # QueueControl's paused scopes that cover this (transport, domain), scope -> epoch,
+    # checked before every attempt; when any is set, hosts are not looked up.
+    paused_scopes: dict[str, int] = Field(default_factory=dict)
 
 
 class TlsInfo(BaseModel):
@@ -128,6 +140,9 @@ class TlsInfo(BaseModel):
     verified: bool = False
     peer_subject: str | None = None
     peer_sha256: str | None = None
+    # The transport's tls setting, and why the handshake or verification failed, if it did.
+    policy: str | None = None
+    error: str | None = None
 
 
 class HostTry(BaseModel):
@@ -139,6 +154,14 @@ class HostTry(BaseModel):
     error: str | None = None
     tls: TlsInfo | None = None
     plaintext_fallback: bool = False
+    # Where and how the session ended when it failed; what the server offered and we used.
+    stage: str | None = None
+    code: int | None = None
+    enhanced: str | None = None
+    extensions: list[str] = Field(default_factory=list)
+    helo_fallback: bool = False
+    auth_mechanism: str | None = None
+    pipelined: bool = False
 
 
 class SendRequest(BaseModel):
@@ -223,3 +246,12 @@ class FailureReportRequest(BaseModel):
     recipients: list[RecipientReport]
     gave_up: bool = False
     action: str = "failed"  # failed | delayed | delivered | relayed
+    # The report's number within its message: with the queue id it names the report's own
+    # queue id, so a retried activity cannot queue the same report twice.
+    sequence: int = 0
+    # Workflow time when the report was asked for: its Date header, so retries build it alike.
+    created_at: datetime | None = None
+    # When the workflow started counting the message's time in the queue.
+    queued_since: datetime | None = None
+    # Delay reports: until when each recipient will be retried (Will-Retry-Until).
+    retry_until: dict[str, datetime] = Field(default_factory=dict)

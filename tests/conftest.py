@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 from postflow.config import Config, parse_config
 from postflow.constants import SEARCH_ATTRIBUTES
 from postflow.temporal import find_binary
+from tests.s3server import s3_server, s3_spool_settings  # noqa: F401 - one SeaweedFS per session
 from worker import build_workers
 
 

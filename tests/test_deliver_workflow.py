@@ -10,6 +10,7 @@ from temporalio.testing import WorkflowEnvironment
 from postflow.models import DeliveryReport, RecipientState
 from tests.conftest import make_config, running_worker
 from tests.helpers import MESSAGE, activity_times, submit
+from tests.histories import keep_history
 from tests.peers import SmtpPeer, defer_times, fixed
 
 
@@ -37,6 +38,7 @@ async def test_deferred_three_times_then_delivered_on_schedule(
             handle = await submit(ts_env.client, config, queue, ["bob@dest.test"])
             report = await handle.result()
             times = await activity_times(handle)
+            await keep_history(handle, "deferred_then_delivered")
     bob = _by_address(report)["bob@dest.test"]
     assert bob.state == RecipientState.DELIVERED
     assert bob.attempts == 4
@@ -60,6 +62,7 @@ async def test_5xx_fails_at_once_without_waiting(
             handle = await submit(ts_env.client, config, queue, ["gone@dest.test"])
             report = await handle.result()
             times = await activity_times(handle)
+            await keep_history(handle, "permanent_failure")
     gone = _by_address(report)["gone@dest.test"]
     assert gone.state == RecipientState.FAILED
     assert (gone.code, gone.enhanced, gone.stage) == (550, "5.1.1", "rcpt")
@@ -87,6 +90,7 @@ async def test_gives_up_at_the_87_hour_mark(ts_env: WorkflowEnvironment, tmp_pat
             handle = await submit(ts_env.client, config, queue, ["stuck@dest.test"])
             report = await handle.result()
             times = await activity_times(handle)
+            await keep_history(handle, "give_up_after_87h")
     stuck = report.recipients[0]
     assert stuck.state == RecipientState.FAILED
     assert stuck.attempts == 31
@@ -116,6 +120,7 @@ async def test_two_domains_one_delivers_one_defers(
         async with running_worker(ts_env.client, config) as queue:
             handle = await submit(ts_env.client, config, queue, ["ann@fast.test", "sam@slow.test"])
             report = await handle.result()
+            await keep_history(handle, "two_domains")
     by = _by_address(report)
     assert by["ann@fast.test"].state == RecipientState.DELIVERED
     assert by["ann@fast.test"].attempts == 1

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.smtp import SmtpActivities
     from activities.spool import SpoolActivities
     from postflow import search
+    from postflow.dsn import notify_set
     from postflow.models import (
         DeliverInput,
         DeliveryError,
@@ -30,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         RecipientReport,
         RecipientState,
         ResolveRequest,
+        ResolveResult,
         SendRequest,
     )
     from postflow.signals import ControlSignal, scope_matches
@@ -57,6 +59,8 @@ class _Group:
     attempts: int = 0
     next_attempt_at: datetime | None = None
     reports: dict[str, RecipientReport] = field(default_factory=dict)
+    # Whether the last next hop announced DSN: it then reports NOTIFY=SUCCESS itself.
+    dsn_announced: bool = False
 
     def pending(self) -> list[str]:
         return [
@@ -83,26 +87,38 @@ class DeliverMessage:
             for i, g in enumerate(msg.groups)
         ]
         self._paused_scopes: set[str] = set()
+        # Epochs of the newest scope pause and resume seen, so stale signals are ignored.
+        self._pause_epochs: dict[str, int] = {}
+        self._resume_epochs: dict[str, int] = {}
+        self._resume_jitter: float | None = None
         self._paused_since: datetime | None = None
         self._paused_total = timedelta()
         self._retry_generation = 0
         self._stop: str | None = None  # "bounce" or "delete"
         self._notes: list[str] = []
         self._done = False
+        self._reports_sent = 0  # numbers each report, which names its queue id
 
     # ---- operator controls (signals and the status query) -------------------------------
 
     @workflow.signal
     def pause(self, sig: ControlSignal) -> None:
-        if self._done:
-            return
-        if not self._paused_scopes:
-            self._paused_since = workflow.now()
-        self._paused_scopes.add(sig.scope)
+        if self._done or (sig.epoch and sig.epoch <= self._resume_epochs.get(sig.scope, 0)):
+            return  # finished, or a late pause that a newer resume already undid
+        if not any(scope_matches(sig.scope, g.spec) for g in self._groups):
+            return  # a scope that covers none of this message's recipients
+        self._hold_scope(sig.scope, sig.epoch)
 
     @workflow.signal
     def resume(self, sig: ControlSignal) -> None:
+        if sig.epoch:
+            if sig.epoch < self._pause_epochs.get(sig.scope, 0):
+                return  # older than the pause in force
+            self._resume_epochs[sig.scope] = max(sig.epoch, self._resume_epochs.get(sig.scope, 0))
+        if sig.scope not in self._paused_scopes:
+            return
         self._paused_scopes.discard(sig.scope)
+        self._resume_jitter = sig.jitter_seconds
         if not self._paused_scopes and self._paused_since is not None:
             self._paused_total += workflow.now() - self._paused_since
             self._paused_since = None
@@ -113,11 +129,19 @@ class DeliverMessage:
 
     @workflow.signal
     def bounce(self, sig: ControlSignal) -> None:
-        self._stop = self._stop or "bounce"
+        if not self._done:
+            self._stop = self._stop or "bounce"
 
     @workflow.signal
     def delete(self, sig: ControlSignal) -> None:
-        self._stop = "delete"
+        if not self._done:
+            self._stop = "delete"
+
+    def _hold_scope(self, scope: str, epoch: int) -> None:
+        if not self._paused_scopes:
+            self._paused_since = workflow.now()
+        self._paused_scopes.add(scope)
+        self._pause_epochs[scope] = max(epoch, self._pause_epochs.get(scope, 0))
 
     @workflow.query
     def status(self) -> DeliveryReport:
@@ -127,7 +151,9 @@ class DeliverMessage:
 
     @workflow.run
     async def run(self, msg: DeliverInput) -> DeliveryReport:
-        await asyncio.gather(*(self._deliver_group(g) for g in self._groups))
+        await asyncio.gather(
+            *(self._deliver_group(g) for g in self._groups), self._warn_when_delayed()
+        )
         self._done = True
         await workflow.execute_local_activity_method(
             SpoolActivities.remove_body,
@@ -149,8 +175,11 @@ class DeliverMessage:
         while group.pending():
             await self._wait_for_turn(group)
             if self._stop:
-                self._settle_stopped(group)
+                await self._settle_stopped(group)
                 return
+            resolved = await self._resolve(group)
+            if self._held(group, resolved):
+                continue
             group.attempts += 1
             group.next_attempt_at = None
             if group.attempts > 1:
@@ -160,19 +189,23 @@ class DeliverMessage:
                         search.ATTEMPTS.value_set(group.attempts),
                     ]
                 )
-            outcomes = await self._attempt(group)
+            outcomes = await self._attempt(group, resolved)
             failed_now = self._apply(group, outcomes)
             if failed_now:
                 await self._report_failures(group, failed_now, gave_up=False)
+            await self._report_success(group, outcomes)
             if not group.pending():
                 return
             delay = spec.schedule.delay_after(group.attempts)
+            why = ""
             if delay is not None and self._past_max_age(spec):
-                self._notes.append(f"{spec.domain}: max_age reached after {group.attempts}")
+                why = f"max_age {_minutes(timedelta(seconds=spec.max_age_seconds or 0))} reached"
+                self._notes.append(f"{spec.domain}: {why} after {group.attempts} attempts")
                 delay = None
             if delay is None:
-                await self._give_up(group)
+                await self._give_up(group, why)
                 return
+            delay = self._within_max_age(spec, delay)
             group.next_attempt_at = workflow.now() + delay
             workflow.upsert_search_attributes(
                 [
@@ -182,15 +215,30 @@ class DeliverMessage:
                 ]
             )
 
-    async def _attempt(self, group: _Group) -> list[RecipientOutcome]:
-        spec, pending = group.spec, group.pending()
-        resolved = await workflow.execute_local_activity_method(
+    async def _resolve(self, group: _Group) -> ResolveResult:
+        """Where to deliver, and (in the same local activity) the paused scopes covering it."""
+        spec = group.spec
+        return await workflow.execute_local_activity_method(
             ResolveActivities.resolve_destination,
             ResolveRequest(transport=spec.transport, domain=spec.domain),
             start_to_close_timeout=timedelta(seconds=60),
             retry_policy=_LOCAL_RETRY,
             summary=f"resolve {spec.domain} via {spec.transport}",
         )
+
+    def _held(self, group: _Group, resolved: ResolveResult) -> bool:
+        """Applies the scope check made just before connecting: True when the group waits.
+
+        A message started while QueueControl was still signalling is held here; a check
+        older than a resume this message has already received is ignored by its epoch.
+        """
+        for scope, epoch in resolved.paused_scopes.items():
+            if epoch > self._resume_epochs.get(scope, 0):
+                self._hold_scope(scope, epoch)
+        return self._stop is not None or self._group_paused(group)
+
+    async def _attempt(self, group: _Group, resolved: ResolveResult) -> list[RecipientOutcome]:
+        spec, pending = group.spec, group.pending()
         if resolved.error is not None:
             return [_from_error(a, resolved.error, "dns") for a in pending]
         first = resolved.hosts[0].name if resolved.hosts else spec.domain
@@ -224,6 +272,7 @@ class DeliverMessage:
             cause = err.cause or err
             error = DeliveryError(permanent=False, enhanced="4.3.0", text=f"internal: {cause}")
             return [_from_error(a, error, "internal") for a in pending]
+        group.dsn_announced = result.dsn_announced
         return result.recipients
 
     def _apply(self, group: _Group, outcomes: list[RecipientOutcome]) -> list[str]:
@@ -250,16 +299,18 @@ class DeliverMessage:
                 failed.append(out.address)
         return failed
 
-    async def _give_up(self, group: _Group) -> None:
+    async def _give_up(self, group: _Group, why: str = "") -> None:
         gave_up = group.pending()
         for address in gave_up:
             report = group.reports[address]
             report.state = RecipientState.FAILED
-            report.note = f"gave up after {group.attempts} attempts"
+            report.note = f"gave up after {group.attempts} attempts" + (f" ({why})" if why else "")
         await self._report_failures(group, gave_up, gave_up=True)
 
-    def _settle_stopped(self, group: _Group) -> None:
-        for address in group.pending():
+    async def _settle_stopped(self, group: _Group) -> None:
+        """Deleted recipients are discarded silently; bounced ones get the give-up action."""
+        stopped = group.pending()
+        for address in stopped:
             report = group.reports[address]
             if self._stop == "delete":
                 report.state = RecipientState.DISCARDED
@@ -267,6 +318,8 @@ class DeliverMessage:
             else:
                 report.state = RecipientState.FAILED
                 report.note = "bounced by operator"
+        if self._stop == "bounce" and stopped:
+            await self._report_failures(group, stopped, gave_up=True)
 
     async def _report_failures(self, group: _Group, addresses: list[str], gave_up: bool) -> None:
         """The transport's give-up action for recipients that just failed for good."""
@@ -275,19 +328,112 @@ class DeliverMessage:
             why = (
                 "transport discards"
                 if spec.on_give_up == "discard"
-                else "never report on a report or a null-sender message"
+                else "discarded: never report on a report or a null-sender message"
             )
             for address in addresses:
                 group.reports[address].note = _join(group.reports[address].note, why)
             return
-        reports = [group.reports[a] for a in addresses]
-        await workflow.execute_activity_method(
-            ReportActivities.send_failure_report,
-            FailureReportRequest(message=self._msg, recipients=reports, gave_up=gave_up),
-            start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=5)),
-            summary=f"report {len(reports)} failed recipient(s) to {self._msg.mail_from}",
+        wanted = [a for a in addresses if "FAILURE" in self._notify(spec, a)]
+        for address in addresses:
+            if address not in wanted:
+                report = group.reports[address]
+                report.note = _join(report.note, "not reported: NOTIFY without FAILURE")
+        if wanted:
+            await self._send_report([group.reports[a] for a in wanted], "failed", gave_up)
+
+    async def _report_success(self, group: _Group, outcomes: list[RecipientOutcome]) -> None:
+        """NOTIFY=SUCCESS (RFC 3461 §6.2): a next hop that announced DSN was handed the
+        request and reports delivery itself; for one that did not, we report `relayed`."""
+        if not self._msg.mail_from or self._msg.is_report:
+            return
+        asked = [
+            o.address
+            for o in outcomes
+            if o.state == RecipientState.DELIVERED
+            and o.address in group.reports
+            and "SUCCESS" in self._notify(group.spec, o.address)
+        ]
+        if not asked:
+            return
+        if group.dsn_announced:
+            for address in asked:
+                report = group.reports[address]
+                report.note = _join(report.note, "NOTIFY=SUCCESS passed on to the next hop")
+            return
+        await self._send_report([group.reports[a] for a in asked], "relayed")
+
+    async def _warn_when_delayed(self) -> None:
+        """One `delayed` report per message once a transport's delay_warning_after passed."""
+        limits = [g.spec.delay_warning_seconds for g in self._groups]
+        limits = [s for s in limits if s]
+        if not limits or not self._msg.mail_from or self._msg.is_report:
+            return
+        first = timedelta(seconds=min(limits))
+        remaining = self._queued_since() + first - workflow.now()
+        if remaining > timedelta(0):
+            try:
+                await workflow.wait_condition(
+                    lambda: not any(g.pending() for g in self._groups),
+                    timeout=remaining,
+                    timeout_summary=f"delay warning after {_minutes(first)}",
+                )
+                return
+            except TimeoutError:
+                pass
+        age = workflow.now() - self._queued_since()
+        reports: list[RecipientReport] = []
+        until: dict[str, datetime] = {}
+        for group in self._groups:
+            limit = group.spec.delay_warning_seconds
+            if not limit or age < timedelta(seconds=limit):
+                continue
+            for address in group.pending():
+                if "DELAY" in self._notify(group.spec, address):
+                    reports.append(group.reports[address])
+                    until[address] = self._retry_until(group.spec)
+        if reports:
+            await self._send_report(reports, "delayed", retry_until=until)
+
+    async def _send_report(
+        self,
+        reports: list[RecipientReport],
+        action: str,
+        gave_up: bool = False,
+        retry_until: dict[str, datetime] | None = None,
+    ) -> None:
+        """Queues one delivery status notification; only addresses and replies pass here,
+        the activity reads the original from the spool itself."""
+        self._reports_sent += 1
+        request = FailureReportRequest(
+            message=self._msg,
+            recipients=reports,
+            gave_up=gave_up,
+            action=action,
+            sequence=self._reports_sent,
+            created_at=workflow.now(),
+            queued_since=self._queued_since(),
+            retry_until=retry_until or {},
         )
+        try:
+            queue_id = await workflow.execute_activity_method(
+                ReportActivities.send_failure_report,
+                request,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=5)),
+                summary=f"{action} report on {len(reports)} recipient(s) to {self._msg.mail_from}",
+            )
+        except ActivityError as err:
+            # Only a non-retryable error ends up here; the delivery itself goes on.
+            self._notes.append(f"{action} report not sent: {err.cause or err}")
+            return
+        if queue_id is None:
+            return
+        for report in reports:
+            report.note = _join(report.note, f"{action} report {queue_id}")
+        self._notes.append(f"{action} report {queue_id} on {len(reports)} recipient(s)")
+
+    def _notify(self, spec: DeliveryGroup, address: str) -> frozenset[str]:
+        return notify_set(next((r for r in spec.recipients if r.address == address), None))
 
     # ---- waiting ------------------------------------------------------------------------
 
@@ -301,20 +447,21 @@ class DeliverMessage:
         while not self._stop:
             if self._group_paused(group):
                 was_paused = True
-                workflow.upsert_search_attributes([search.DELIVERY_STATE.value_set("paused")])
+                self._show_state("paused")
                 await workflow.wait_condition(
                     lambda: self._stop is not None or not self._group_paused(group)
                 )
+                if self._stop is None and not any(self._group_paused(g) for g in self._groups):
+                    self._show_state("deferred" if group.attempts else "queued")
                 continue
-            due = group.next_attempt_at
-            if generation != self._retry_generation or due is None:
+            if generation != self._retry_generation:
                 return
-            remaining = due - workflow.now()
+            due = group.next_attempt_at
+            remaining = due - workflow.now() if due is not None else timedelta(0)
             if remaining <= timedelta(0):
-                if was_paused:
-                    # Held past its due time: go soon, but not all at once with the others.
-                    jitter = workflow.random().uniform(0, _RESUME_JITTER_SECONDS)
-                    await workflow.sleep(jitter, summary="resume jitter")
+                # Held past its due time: go soon, but not all at once with the others.
+                if was_paused and await self._resume_jitter_wait(group):
+                    continue  # paused again or stopped meanwhile
                 return
             last = group.reports[group.pending()[0]]
             why = f"{last.code} {last.enhanced}" if last.code else (last.enhanced or "")
@@ -334,14 +481,55 @@ class DeliverMessage:
                 if not self._group_paused(group):
                     return
 
-    def _past_max_age(self, spec: DeliveryGroup) -> bool:
-        if spec.max_age_seconds is None:
+    async def _resume_jitter_wait(self, group: _Group) -> bool:
+        """Waits a random part of the resume's spread; True if paused or stopped meanwhile."""
+        spread = _RESUME_JITTER_SECONDS if self._resume_jitter is None else self._resume_jitter
+        if spread <= 0:
             return False
+        try:
+            await workflow.wait_condition(
+                lambda: self._stop is not None or self._group_paused(group),
+                timeout=workflow.random().uniform(0, spread),
+                timeout_summary="resume jitter",
+            )
+        except TimeoutError:
+            return False
+        return True
+
+    def _show_state(self, state: str) -> None:
+        """Upserts DeliveryState only when it changes: every upsert is a history event."""
+        if workflow.info().typed_search_attributes.get(search.DELIVERY_STATE) != state:
+            workflow.upsert_search_attributes([search.DELIVERY_STATE.value_set(state)])
+
+    def _queued_since(self) -> datetime:
+        # The workflow's own clock is the one its timers use; `arrival` comes from the
+        # submitter's clock (and the time-skipping test server's runs ahead of it).
+        return max(self._msg.arrival, workflow.info().workflow_start_time)
+
+    def _queue_age(self) -> timedelta:
         paused = self._paused_total
         if self._paused_since is not None:
             paused += workflow.now() - self._paused_since
-        queued = workflow.now() - self._msg.arrival - paused
-        return queued >= timedelta(seconds=spec.max_age_seconds)
+        return workflow.now() - self._queued_since() - paused
+
+    def _past_max_age(self, spec: DeliveryGroup) -> bool:
+        if spec.max_age_seconds is None:
+            return False
+        return self._queue_age() >= timedelta(seconds=spec.max_age_seconds)
+
+    def _within_max_age(self, spec: DeliveryGroup, delay: timedelta) -> timedelta:
+        """A wait that would outlast max_age ends at it: one last attempt, then give up."""
+        if spec.max_age_seconds is None:
+            return delay
+        left = timedelta(seconds=spec.max_age_seconds) - self._queue_age()
+        return max(timedelta(0), min(delay, left))
+
+    def _retry_until(self, spec: DeliveryGroup) -> datetime:
+        """When the group's last attempt is due if every wait is taken in full."""
+        span = spec.schedule.give_up_after
+        if spec.max_age_seconds is not None:
+            span = min(span, timedelta(seconds=spec.max_age_seconds))
+        return self._queued_since() + span
 
     # ---- reporting ----------------------------------------------------------------------
 
