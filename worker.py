@@ -55,14 +55,22 @@ def build_activities(config: Config, client: Client) -> list[Any]:
 
 
 def build_workers(
-    client: Client, config: Config, task_queues: Sequence[str] = (TASK_QUEUE, PRIORITY_TASK_QUEUE)
+    client: Client,
+    config: Config,
+    task_queues: Sequence[str] = (TASK_QUEUE, PRIORITY_TASK_QUEUE),
+    *,
+    priority_task_queue: str = PRIORITY_TASK_QUEUE,
 ) -> list[Worker]:
-    """One Worker per task queue: the priority queue keeps slots bulk work cannot take."""
+    """One Worker per task queue: the priority queue keeps slots bulk work cannot take.
+
+    Each Worker has its own pollers and slot counts, and a message's activities run on its
+    workflow's queue, so `[worker] priority_slots` are held for prioritized mail alone.
+    """
     activities = build_activities(config, client)
     settings = config.worker
     workers = []
     for queue in task_queues:
-        priority = queue == PRIORITY_TASK_QUEUE
+        priority = queue == priority_task_queue
         workers.append(
             Worker(
                 client,
@@ -109,13 +117,23 @@ async def run_worker(config: Config, stop: asyncio.Event | None = None) -> None:
     log.info("worker serving %s on %s", [w.task_queue for w in workers], config.temporal.address)
 
     async def _serve(worker: Worker) -> None:
-        await worker.run()
+        try:
+            await worker.run()
+        finally:
+            # A queue nobody serves (the priority queue, say) must not go unnoticed while
+            # the others keep running: stop the whole process so its supervisor restarts it.
+            if not stop.is_set():
+                log.error("worker for %s stopped unexpectedly", worker.task_queue)
+                stop.set()
 
     tasks = [asyncio.create_task(_serve(w)) for w in workers]
     await stop.wait()
     log.info("stopping: letting in-flight SMTP sessions finish")
     await asyncio.gather(*(w.shutdown() for w in workers))
-    await asyncio.gather(*tasks, return_exceptions=True)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for error in results:
+        if isinstance(error, BaseException):
+            raise error
 
 
 def main(config_path: str | None = None) -> None:

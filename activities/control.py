@@ -71,6 +71,7 @@ class ScopeCache:
         self._workflow_id = workflow_id
         self._scopes: dict[str, int] = {}
         self._fetched: float | None = None
+        self._warned: float | None = None
         self._lock = asyncio.Lock()
 
     async def current(self) -> dict[str, int]:
@@ -93,9 +94,9 @@ class ScopeCache:
                 else:
                     # Fail open with what we knew: the fan-out has signalled every message
                     # that was running, so only mail arriving during the outage can slip.
-                    log.warning("paused scopes unavailable, using last known: %s", exc)
+                    self._warn(exc)
             except Exception as exc:
-                log.warning("paused scopes unavailable, using last known: %s", exc)
+                self._warn(exc)
             self._fetched = sent
             return self._scopes
 
@@ -103,6 +104,17 @@ class ScopeCache:
         """The paused scopes that hold mail for this transport and recipient domain."""
         scopes = await self.current()
         return {s: e for s, e in scopes.items() if scope_applies(s, transport, domain)}
+
+    def _warn(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._warned is None or now - self._warned > 60:
+            self._warned = now
+            log.warning(
+                "paused scopes unavailable (is a worker serving postflow-control running?), "
+                "using the last known %s: %s",
+                sorted(self._scopes) or "(none)",
+                exc,
+            )
 
     def _fresh(self) -> bool:
         return self._fetched is not None and time.monotonic() - self._fetched < self._ttl

@@ -7,7 +7,6 @@ its own `DeliverMessage` workflow and never reported on.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -68,7 +67,7 @@ class ReportActivities:
             activity.logger.info("report %s for %s was already queued", queue_id, msg.queue_id)
             return queue_id
         try:
-            original: bytes | None = await asyncio.to_thread(self._spool.read, msg.spool_key)
+            original: bytes | None = await self._spool.aread(msg.spool_key)
         except SpoolError as exc:
             # The sender is still told; the report says the original could not be attached.
             activity.logger.warning("report for %s without the original: %s", msg.queue_id, exc)

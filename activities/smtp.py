@@ -21,7 +21,7 @@ from postflow.config import Config
 from postflow.models import HostTry, MxHost, Recipient, RecipientOutcome, SendRequest, SendResult
 from postflow.replies import Policy, Stage, Trouble, Verdict, judge_trouble
 from postflow.secrets import SecretError, read_password
-from postflow.spool import FsSpool
+from postflow.spool import Spool
 from postflow.tls_policy import TlsConfigError, TlsPolicy
 
 __all__ = ["SmtpActivities"]
@@ -68,7 +68,7 @@ class _Heartbeat:
 
 
 class SmtpActivities:
-    def __init__(self, config: Config, spool: FsSpool) -> None:
+    def __init__(self, config: Config, spool: Spool) -> None:
         self._config = config
         self._spool = spool
         self._tls: dict[str, TlsPolicy] = {}
@@ -92,7 +92,8 @@ class SmtpActivities:
             soft_bounce=self._config.delivery.soft_bounce,
             auth_failure=sasl.auth_failure if sasl else "defer",
         )
-        body = await asyncio.to_thread(self._spool.read, req.spool_key)
+        # Read once per attempt and dropped after it; no thread for an S3 spool.
+        body = await self._spool.aread(req.spool_key)
         outcomes = _bad_addresses(req, policy)
         pending = [r for r in req.recipients if r.address not in outcomes]
         if not pending:

@@ -237,7 +237,7 @@ class SmtpSession:
                 tls_context=tls.context, server_hostname=self.host.name, timeout=timeout
             )
         except aiosmtplib.SMTPResponseException as exc:
-            if tls.must_encrypt:
+            if tls.must_encrypt or exc.code == ReplyCode.SERVICE_UNAVAILABLE:
                 self.tried.tls = tls.info(None, False, error=f"STARTTLS refused: {exc.code}")
                 raise _Abort(judge_reply(exc.code, exc.message, Stage.TLS, policy)) from None
             # Opportunistic: the session is still plaintext and usable (Postfix's `may`).

@@ -38,6 +38,12 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
         del destination
     for route in config.routes:
         print(f"route {', '.join(route.domains)} → {route.transport}")
+    from postflow.priority import describe_rule
+
+    if not config.priority:
+        print("priority: no rules; every message is ordinary")
+    for i, rule in enumerate(config.priority):
+        print(f"priority.{i}: prioritized when {describe_rule(rule)}")
     return 0
 
 
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from postflow.queue_cli import add_queue_commands
 
     add_queue_commands(sub)
+    from postflow.health import add_health_command
+
+    add_health_command(sub)
     return parser
 
 

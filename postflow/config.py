@@ -31,6 +31,7 @@ from postflow.schedule import RetrySchedule
 __all__ = [
     "Config",
     "ConfigError",
+    "PriorityRule",
     "TransportSettings",
     "default_config_path",
     "load_config",
@@ -290,6 +291,55 @@ class Route(_Strict):
         return [d.strip().lower() for d in value]
 
 
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext: printable, no colon
+
+
+class PriorityRule(_Strict):
+    """One `[[priority]]` rule: a message matching every criterion given here is prioritized."""
+
+    sender_domains: list[str] | None = Field(None, min_length=1)
+    recipient_domains: list[str] | None = Field(None, min_length=1)
+    transports: list[str] | None = Field(None, min_length=1)
+    header: str | None = None
+    match: str | None = None
+    max_size: int | None = Field(None, gt=0)
+
+    @field_validator("sender_domains", "recipient_domains")
+    @classmethod
+    def _lower(cls, value: list[str] | None) -> list[str] | None:
+        return [d.strip().lower().rstrip(".") for d in value] if value is not None else None
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.fullmatch(value):
+            raise ValueError("not a header name (printable ASCII, no colon or space)")
+        return value
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _criteria(self) -> PriorityRule:
+        if self.match is not None and self.header is None:
+            raise ValueError("match needs header: the header whose value it matches")
+        criteria = (self.sender_domains, self.recipient_domains, self.transports, self.header)
+        if all(c is None for c in criteria):
+            raise ValueError(
+                "a rule needs at least one of sender_domains, recipient_domains, transports, "
+                "header (a rule matching every message would make every message prioritized, "
+                "which is the same as no rules)"
+            )
+        return self
+
+
 class SinkSettings(_Strict):
     """`postflow sink`: a capture SMTP server, started by `postflow up` when configured."""
 
@@ -328,6 +378,7 @@ class Config(_Strict):
     transports: dict[str, TransportSettings] = {"default": TransportSettings()}
     routes: list[Route] = []
     sink: SinkSettings | None = None
+    priority: list[PriorityRule] = []
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -339,6 +390,13 @@ class Config(_Strict):
                     f"routes.{i}.transport: {route.transport!r}: no such transport "
                     f"(known: {', '.join(sorted(self.transports))})"
                 )
+        for i, rule in enumerate(self.priority):
+            for name in rule.transports or []:
+                if name not in self.transports:
+                    raise ValueError(
+                        f"priority.{i}.transports: {name!r}: no such transport "
+                        f"(known: {', '.join(sorted(self.transports))})"
+                    )
         return self
 
     def transport(self, name: str) -> TransportSettings:

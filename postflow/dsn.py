@@ -17,6 +17,7 @@ from email.message import EmailMessage, Message
 from email.utils import format_datetime
 from io import BytesIO
 
+from postflow import esmtp_params
 from postflow.models import FailureReportRequest, Recipient, RecipientReport
 from postflow.schedule import format_minutes
 
@@ -44,7 +45,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _MESSAGE_ID = re.compile(r"^<[^<>\s\"]{1,250}>$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")
-_XTEXT = re.compile(r"\+([0-9A-Fa-f]{2})")
 # RFC 3464 fields and a header line stay readable below RFC 5322's 998-octet limit.
 MAX_FIELD = 300
 MAX_DIAGNOSTIC = 600
@@ -80,8 +80,12 @@ def sanitize_header(value: str, limit: int = MAX_FIELD) -> str:
 
 
 def xtext_decode(value: str) -> str:
-    """RFC 3461 §4 xtext: `+HH` is the octet HH."""
-    return _XTEXT.sub(lambda m: chr(int(m[1], 16)), value)
+    """RFC 3461 §4 xtext as the ingest checked it; anything else (an old or foreign
+    input) is shown as it is rather than failing the report."""
+    try:
+        return esmtp_params.xtext_decode(value)
+    except ValueError:
+        return value
 
 
 def _ascii(text: str) -> str:

@@ -190,7 +190,7 @@ class RecipientOutcome(BaseModel):
     text: str = ""
     remote_host: str | None = None
     remote_ip: str | None = None
-    stage: str | None = None  # connect, greeting, tls, auth, mail, rcpt, data, dns
+    stage: str | None = None  # connect, greeting, ehlo, tls, auth, mail, rcpt, data, dns
 
 
 class SendResult(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.util
 import os
 import secrets
 import threading
@@ -178,6 +179,8 @@ class S3Spool:
     def __init__(self, settings: SpoolSettings, *, environ: Mapping[str, str]) -> None:
         if not settings.bucket:
             raise SpoolError('spool.bucket: required when backend = "s3"')
+        if importlib.util.find_spec("aiobotocore") is None:
+            raise SpoolError('spool.backend = "s3" needs aiobotocore: pip install "postflow[s3]"')
         self.bucket = settings.bucket
         self.prefix = settings.prefix.strip("/")
         self.endpoint = settings.endpoint
@@ -216,13 +219,9 @@ class S3Spool:
             return self._loop
 
     async def _open(self) -> None:
-        try:
-            from aiobotocore.config import AioConfig
-            from aiobotocore.session import get_session
-        except ImportError:
-            raise SpoolError(
-                'spool.backend = "s3" needs aiobotocore: pip install "postflow[s3]"'
-            ) from None
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
         s = self._settings
         config = AioConfig(
             region_name=s.region,

@@ -5,25 +5,28 @@ start that failed when the body could not be removed, leaves a body nobody owns.
 asks Temporal about `msg-<key>` for every body older than the grace period: no such
 workflow means an orphan; a workflow that completed normally has already delivered (its own
 cleanup failed). Bodies of running workflows, and of workflows that failed or were
-terminated (an operator may still reset them), are kept. Uses only the spool's `keys()` and
-`delete()`, so it works for every spool backend.
+terminated (an operator may still reset them), are kept. Bodies are listed and removed
+through the spool's `akeys()` and `adelete()`, so every backend is swept; a directory spool
+also loses the temp files of stores cut short by a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from postflow.constants import message_workflow_id
+from postflow.spool import FsSpool, Spool, open_spool
+
+if TYPE_CHECKING:
+    from postflow.config import Config
 
 __all__ = ["DEFAULT_GRACE", "SweepReport", "sweep_orphans"]
 
@@ -45,6 +48,7 @@ class SweepReport:
     orphans: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     kept_closed: list[tuple[str, str]] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)
     dry_run: bool = False
 
@@ -60,21 +64,15 @@ class SweepReport:
             f"workflows; {len(self.kept_closed)} kept for closed workflows, "
             f"{len(self.errors)} error(s)"
         ]
+        if self.temp_files:
+            lines.append(f"{verb} {len(self.temp_files)} half-written temp file(s)")
         lines += [f"kept {key}: workflow {status}" for key, status in self.kept_closed]
         lines += [f"error {key}: {why}" for key, why in self.errors]
         return "\n".join(lines)
 
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _keys(spool: Any) -> list[tuple[str, float]]:
-    """The spool's (key, mtime) pairs, whether `keys()` is sync or async."""
-    found = await _maybe_await(spool.keys())
-    if isinstance(found, AsyncIterable):
-        return [item async for item in found]
-    return list(found if isinstance(found, Iterable) else [])
+async def _keys(spool: Spool) -> list[tuple[str, float]]:
+    return [item async for item in spool.akeys()]
 
 
 async def _status(client: Client, key: str) -> WorkflowExecutionStatus | None:
@@ -90,7 +88,7 @@ async def _status(client: Client, key: str) -> WorkflowExecutionStatus | None:
 
 async def sweep_orphans(
     client: Client,
-    spool: Any,
+    spool: Spool,
     grace: timedelta = DEFAULT_GRACE,
     *,
     dry_run: bool = False,
@@ -120,7 +118,7 @@ async def sweep_orphans(
                 return
             if not dry_run:
                 try:
-                    await _maybe_await(spool.delete(key))
+                    await spool.adelete(key)
                 except OSError as exc:
                     report.errors.append((key, f"delete failed: {exc}"))
                     return
@@ -129,9 +127,28 @@ async def sweep_orphans(
             (report.orphans if status is None else report.finished).append(key)
 
     await asyncio.gather(*(_one(key, mtime) for key, mtime in await _keys(spool)))
+    if isinstance(spool, FsSpool):
+        report.temp_files = await asyncio.to_thread(_stale_temps, spool, cutoff, dry_run)
     report.orphans.sort()
     report.finished.sort()
     return report
+
+
+def _stale_temps(spool: FsSpool, cutoff: float, dry_run: bool) -> list[str]:
+    """Temp files a process killed in the middle of a store left behind: a store takes
+    milliseconds, so one older than the grace period will never be renamed into place."""
+    removed = []
+    for entry in sorted((spool.root / "tmp").glob("*")):
+        try:
+            if entry.stat().st_mtime > cutoff:
+                continue
+            if not dry_run:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(entry.name)
+        log.info("sweep removed half-written %s", entry.name)
+    return removed
 
 
 def parse_grace(text: str) -> timedelta:
@@ -144,9 +161,8 @@ def parse_grace(text: str) -> timedelta:
     return value
 
 
-def run_sweep(config: Any, grace: str | None, *, dry_run: bool = False) -> int:
+def run_sweep(config: Config, grace: str | None, *, dry_run: bool = False) -> int:
     """`postflow sweep`: one pass over the spool; exit 1 when some body could not be judged."""
-    from postflow.spool import FsSpool
     from postflow.temporal import connect
 
     try:
@@ -157,7 +173,11 @@ def run_sweep(config: Any, grace: str | None, *, dry_run: bool = False) -> int:
 
     async def _run() -> SweepReport:
         client = await connect(config)
-        return await sweep_orphans(client, FsSpool(config.spool.path), period, dry_run=dry_run)
+        spool = open_spool(config.spool)
+        try:
+            return await sweep_orphans(client, spool, period, dry_run=dry_run)
+        finally:
+            spool.close()
 
     report = asyncio.run(_run())
     print(report.describe())

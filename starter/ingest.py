@@ -102,6 +102,8 @@ class IngestHandler:
             queue_id = await asyncio.shield(task)
         except SubmitError as exc:
             log.warning("%s: not queued: %s, client=%s", queue_id, exc, peer_ip(session))
+            if exc.no_space:
+                return "452 4.3.1 Error: insufficient system storage, try again later"
             if exc.temporary:
                 return "451 4.3.0 Error: queue file write error or queue unavailable, try again"
             return "554 5.3.0 Error: message not accepted"

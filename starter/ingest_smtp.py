@@ -14,8 +14,9 @@ import logging
 import ssl
 from base64 import b64decode
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
@@ -89,12 +90,12 @@ class IngestSMTP(SMTP):
         idle_timeout: float,
         tls_context: ssl.SSLContext | None,
         auth_enabled: bool,
-        on_close: Any = None,
+        on_close: Callable[[IngestSMTP], None] | None = None,
     ) -> None:
         self.policy = policy
         self.listener = listener
         self._on_close = on_close
-        self._ended = False
+        self._ended = False  # not `_closed`: StreamReaderProtocol owns that name
         self._draining = False
         self._busy = False  # queueing a message: our work, not the client's idleness
         self._auth_failures = 0

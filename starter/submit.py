@@ -7,6 +7,7 @@ caller's own retry is the only copy.
 
 from __future__ import annotations
 
+import errno
 import logging
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -30,6 +31,7 @@ from postflow.constants import (
     queue_id_from_workflow_id,
 )
 from postflow.models import DeliverInput, Recipient
+from postflow.priority import PriorityRules, fairness_key
 from postflow.replies import clean_text
 from postflow.routing import plan_groups
 from postflow.spool import Spool, new_queue_id, open_spool
@@ -45,9 +47,11 @@ INPUT_VERSION = 1
 class SubmitError(Exception):
     """The message was not queued; nothing of it was kept."""
 
-    def __init__(self, message: str, *, temporary: bool = True) -> None:
+    def __init__(self, message: str, *, temporary: bool = True, no_space: bool = False) -> None:
         super().__init__(message)
         self.temporary = temporary
+        # The spool's filesystem is full: SMTP has its own answer for that (452 4.3.1).
+        self.no_space = no_space
 
 
 def header_summary(data: bytes) -> dict[str, str | None]:
@@ -79,6 +83,7 @@ class Submitter:
         self._config = config
         self._spool = spool or open_spool(config.spool)
         self._queues = (task_queue, priority_task_queue)
+        self._priority = PriorityRules(config.priority)
 
     async def submit(
         self, mail_from: str, recipients: list[Recipient] | list[str], data: bytes, **options: Any
@@ -108,7 +113,8 @@ class Submitter:
         try:
             await self._spool.astore(queue_id, data)
         except OSError as exc:
-            raise SubmitError(f"spool: {exc}") from exc
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SubmitError(f"spool: {exc}", no_space=full) from exc
         try:
             return await self._start(
                 queue_id, mail_from, rcpts, data, ret, envid, smtputf8, is_report, priority
@@ -131,7 +137,13 @@ class Submitter:
     ) -> WorkflowHandle[Any, Any]:
         info = header_summary(data)
         groups = plan_groups(self._config, rcpts)
-        prioritized = bool(priority)
+        if priority is None:
+            # Decided once, here: the workflow input, its queue and `Priority` record it.
+            rule = self._priority.match(
+                mail_from, {g.domain for g in groups}, {g.transport for g in groups}, data
+            )
+            priority = rule is not None
+        prioritized = priority
         msg = DeliverInput(
             version=INPUT_VERSION,
             queue_id=queue_id,
@@ -171,5 +183,10 @@ class Submitter:
             search_attributes=TypedSearchAttributes(attributes),
             static_summary=f"{mail_from or '<>'} → {shown}"
             + (f": {info['subject']}" if info["subject"] else ""),
-            priority=Priority(priority_key=1) if prioritized else Priority(),
+            # priority_key reorders a backlog within one queue; the fairness key (honoured
+            # when the server runs with matching.enableFairness) shares a queue between
+            # sender domains, so one campaign cannot starve another sender's mail.
+            priority=Priority(
+                priority_key=1 if prioritized else None, fairness_key=fairness_key(mail_from)
+            ),
         )

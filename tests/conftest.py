@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Interceptor,
+    OutboundInterceptor,
+    StartWorkflowInput,
+    WorkflowHandle,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -20,12 +28,36 @@ from tests.s3server import s3_server, s3_spool_settings  # noqa: F401 - one Seaw
 from worker import build_workers
 
 
+class _StartTracker(Interceptor):
+    """Remembers every workflow started through a test client, by task queue."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, list[tuple[str, str | None]]] = {}
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        tracker = self
+
+        class _Outbound(OutboundInterceptor):
+            async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle:
+                handle = await super().start_workflow(input)
+                tracker.started.setdefault(input.task_queue, []).append(
+                    (input.id, handle.result_run_id)
+                )
+                return handle
+
+        return _Outbound(next)
+
+
+_TRACKER = _StartTracker()
+
+
 @pytest.fixture(scope="session")
 async def ts_env() -> AsyncIterator[WorkflowEnvironment]:
     """Time-skipping server: 87 hours of retries run in milliseconds."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=find_binary("temporal-test-server"),
         data_converter=pydantic_data_converter,
+        interceptors=[_TRACKER],
     )
     await register_search_attributes(env.client)
     yield env
@@ -88,4 +120,22 @@ async def running_worker(client: Client, config: Config) -> AsyncIterator[str]:
     queue = f"test-{uuid.uuid4().hex[:10]}"
     workers: list[Worker] = build_workers(client, config, task_queues=[queue])
     async with workers[0]:
-        yield queue
+        try:
+            yield queue
+        finally:
+            await _terminate_leftovers(client, queue)
+
+
+async def _terminate_leftovers(client: Client, queue: str) -> None:
+    """A workflow left running after its worker stops (a report a test did not await, or a
+    test that failed half-way) would freeze time skipping for every later test: let it
+    finish while its worker still runs, and terminate it only if it does not."""
+    for workflow_id, run_id in _TRACKER.started.pop(queue, []):
+        handle = client.get_workflow_handle(workflow_id, run_id=run_id)
+        try:
+            await asyncio.wait_for(handle.result(), timeout=10)
+        except Exception:
+            try:
+                await handle.terminate("test finished; its worker is stopping")
+            except RPCError:
+                pass

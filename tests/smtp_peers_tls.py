@@ -26,7 +26,7 @@ from tests.certs import Issued, server_context
 from tests.helpers import MESSAGE
 from tests.peers import SmtpPeer, _Handler
 
-__all__ = ["PeerOptions", "SilentServer", "SmtpTestPeer", "mx", "run_send"]
+__all__ = ["PeerOptions", "SilentServer", "SmtpTestPeer", "StallingServer", "mx", "run_send"]
 
 _DSN_MAIL = re.compile(r"\s+((?:RET|ENVID)=\S+)", re.IGNORECASE)
 _DSN_RCPT = re.compile(r"\s+((?:NOTIFY|ORCPT)=\S+)", re.IGNORECASE)
@@ -228,7 +228,7 @@ class SilentServer:
         await self._server.wait_closed()
 
 
-def mx(peer: SmtpPeer | SilentServer, name: str = "mx.dest.test") -> MxHost:
+def mx(peer: SmtpPeer | SilentServer | StallingServer, name: str = "mx.dest.test") -> MxHost:
     """The peer as a resolved host named `name` (what a certificate is checked against)."""
     return MxHost(name=name, addresses=[peer.host], port=peer.port)
 
@@ -272,3 +272,37 @@ async def run_send(
     )
     result = await env.run(SmtpActivities(config, spool).send_message, req)
     return result, beats
+
+
+class StallingServer:
+    """Speaks just enough SMTP to get to DATA, then stops reading: the block timeout's peer."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self._stop = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stall.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await self._stop.wait()
+                    break
+                writer.write(b"221 bye\r\n" if verb == b"QUIT" else b"250 stall.test\r\n")
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> StallingServer:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()

@@ -66,7 +66,9 @@ def _failed(address: str, **fields: object) -> RecipientReport:
     return RecipientReport.model_validate(values)
 
 
-def _build(req: FailureReportRequest, original: bytes | None = ORIGINAL, limit: int = 50_000):
+def _build(
+    req: FailureReportRequest, original: bytes | None = ORIGINAL, limit: int = 50_000
+) -> tuple[bytes, EmailMessage]:
     data = build_report(
         req,
         original,

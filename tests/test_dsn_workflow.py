@@ -371,7 +371,7 @@ async def test_max_age_ends_the_retries_early_with_a_report(
     for got, minutes in zip(offsets, [0, 60, 120, 150], strict=True):
         assert _near(got, timedelta(minutes=minutes))
     assert len(reported) == 1 and _near(reported[0] - sends[0], timedelta(minutes=150))
-    assert "max_age 150 min reached" in (result.recipients[0].note or "")
+    assert "max_age 2 h 30 min reached" in (result.recipients[0].note or "")
     (block,) = _recipient_blocks(_parse(sink.received[0].data))
     assert (block["Action"], block["Status"]) == ("failed", "4.3.2")
 

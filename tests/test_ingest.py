@@ -141,8 +141,16 @@ async def workflow_input(client: Client, queue_id: str) -> DeliverInput:
     raise AssertionError("no start event")
 
 
-async def workflow_count(client: Client, queue: str) -> int:
-    return len([w async for w in client.list_workflows(f'TaskQueue = "{queue}"')])
+async def workflow_count(client: Client, queue: str, expect: int) -> int:
+    """Workflows on `queue` per visibility, which lags starts by up to ~100 ms: polled for a
+    second until it shows `expect` (and 0 must hold for 0.3 s)."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        count = len([w async for w in client.list_workflows(f'TaskQueue = "{queue}"')])
+        settled = expect != 0 or time.monotonic() > deadline - 0.7
+        if (count == expect and settled) or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.1)
 
 
 # -- access control -------------------------------------------------------------------
@@ -304,7 +312,7 @@ async def test_size_limit_at_end_of_data_stores_nothing(
             code, text = await send(client, exact + b"y\r\n")
             assert (code, text) == (552, "5.3.4 Message size exceeds fixed limit of 2000 octets")
             assert run.spooled() == []
-            assert await workflow_count(run.client, run.queue) == 0
+            assert await workflow_count(run.client, run.queue, 0) == 0
             # The session goes on, and a message of exactly the limit is taken.
             code, text = await send(client, exact)
             assert code == 250, text
@@ -472,7 +480,7 @@ async def test_451_and_nothing_kept_when_the_spool_write_fails(
         code, _ = await send(client)
         assert code == 451
         assert [p.name for p in run.spooled()] == ["tmp"]
-        assert await workflow_count(run.client, run.queue) == 0
+        assert await workflow_count(run.client, run.queue, 0) == 0
 
 
 async def test_repeated_start_is_idempotent(dev_env: WorkflowEnvironment, tmp_path: Path) -> None:
@@ -484,7 +492,7 @@ async def test_repeated_start_is_idempotent(dev_env: WorkflowEnvironment, tmp_pa
     )
     first = await dev_env.client.get_workflow_handle(message_workflow_id(queue_id)).describe()
     assert again.result_run_id == first.run_id
-    assert await workflow_count(dev_env.client, run.queue) == 1
+    assert await workflow_count(dev_env.client, run.queue, 1) == 1
 
 
 # -- sessions -------------------------------------------------------------------------
@@ -500,7 +508,10 @@ async def test_session_cap(dev_env: WorkflowEnvironment, tmp_path: Path) -> None
             )
             writer.close()
         # Freed slots are usable again.
-        await asyncio.sleep(0.1)
+        for _ in range(100):
+            if not run.ingest.sessions:
+                break
+            await asyncio.sleep(0.02)
         async with smtp(run.port) as client:
             assert (await client.noop()).code == 250
 
@@ -538,7 +549,7 @@ async def test_drain_finishes_transactions_in_progress(
         assert reply.code == 250
         await asyncio.wait_for(draining, timeout=5)
         assert len(run.spooled()) == 1
-        assert await workflow_count(run.client, run.queue) == 1
+        assert await workflow_count(run.client, run.queue, 1) == 1
 
 
 async def test_sigterm_drains_the_ingest_process(

@@ -3,6 +3,9 @@ file and the Received header."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -181,6 +184,26 @@ def test_password_file(tmp_path: Path) -> None:
     assert users.remove("bob")
     assert not fresh.check("bob", b"battery staple")
     assert fresh.check("carol", b"correct horse")
+
+
+def test_postflow_passwd_command(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "POSTFLOW_CONFIG"}
+    users = tmp_path / "users"
+
+    def passwd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "postflow.cli", "passwd", *args, "--file", str(users)]
+        return subprocess.run(
+            command, input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env
+        )
+
+    done = passwd("alice", stdin="s3cret pass\n")
+    assert done.returncode == 0, done.stderr
+    assert PasswordFile(users).check("alice", b"s3cret pass")
+    bad = passwd("al:ice", stdin="x\n")
+    assert bad.returncode == 2
+    assert "no spaces, colons or controls" in bad.stderr
+    assert passwd("alice", "--delete").returncode == 0
+    assert not PasswordFile(users).check("alice", b"s3cret pass")
 
 
 def test_password_file_names_the_bad_line(tmp_path: Path) -> None:

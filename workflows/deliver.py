@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         ResolveResult,
         SendRequest,
     )
+    from postflow.schedule import format_minutes
     from postflow.signals import ControlSignal, scope_matches
 
 __all__ = ["DeliverMessage"]
@@ -61,6 +62,8 @@ class _Group:
     reports: dict[str, RecipientReport] = field(default_factory=dict)
     # Whether the last next hop announced DSN: it then reports NOTIFY=SUCCESS itself.
     dsn_announced: bool = False
+    # The retry_now count when this group's wait began: a higher count means "go now".
+    retry_seen: int = 0
 
     def pending(self) -> list[str]:
         return [
@@ -199,7 +202,8 @@ class DeliverMessage:
             delay = spec.schedule.delay_after(group.attempts)
             why = ""
             if delay is not None and self._past_max_age(spec):
-                why = f"max_age {_minutes(timedelta(seconds=spec.max_age_seconds or 0))} reached"
+                age = timedelta(seconds=spec.max_age_seconds or 0)
+                why = f"max_age {format_minutes(age)} reached"
                 self._notes.append(f"{spec.domain}: {why} after {group.attempts} attempts")
                 delay = None
             if delay is None:
@@ -364,8 +368,7 @@ class DeliverMessage:
 
     async def _warn_when_delayed(self) -> None:
         """One `delayed` report per message once a transport's delay_warning_after passed."""
-        limits = [g.spec.delay_warning_seconds for g in self._groups]
-        limits = [s for s in limits if s]
+        limits = [s for g in self._groups if (s := g.spec.delay_warning_seconds)]
         if not limits or not self._msg.mail_from or self._msg.is_report:
             return
         first = timedelta(seconds=min(limits))
@@ -375,7 +378,7 @@ class DeliverMessage:
                 await workflow.wait_condition(
                     lambda: not any(g.pending() for g in self._groups),
                     timeout=remaining,
-                    timeout_summary=f"delay warning after {_minutes(first)}",
+                    timeout_summary=f"delay warning after {format_minutes(first)}",
                 )
                 return
             except TimeoutError:
@@ -442,7 +445,7 @@ class DeliverMessage:
 
     async def _wait_for_turn(self, group: _Group) -> None:
         """Returns when the group may attempt: due, not paused, or told to stop or retry."""
-        generation = self._retry_generation
+        group.retry_seen = self._retry_generation
         was_paused = False
         while not self._stop:
             if self._group_paused(group):
@@ -453,8 +456,10 @@ class DeliverMessage:
                 )
                 if self._stop is None and not any(self._group_paused(g) for g in self._groups):
                     self._show_state("deferred" if group.attempts else "queued")
+                # Like `postqueue -f` and held mail: a flush during the pause is not kept.
+                group.retry_seen = self._retry_generation
                 continue
-            if generation != self._retry_generation:
+            if group.retry_seen != self._retry_generation:
                 return
             due = group.next_attempt_at
             remaining = due - workflow.now() if due is not None else timedelta(0)
@@ -470,7 +475,7 @@ class DeliverMessage:
                     lambda: (
                         self._stop is not None
                         or self._group_paused(group)
-                        or generation != self._retry_generation
+                        or group.retry_seen != self._retry_generation
                     ),
                     timeout=remaining,
                     timeout_summary=(

@@ -8,7 +8,9 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +44,15 @@ async def _run(names: list[str], quick: bool, messages: int | None) -> list[Resu
                 env = await _time_skipping()
             print(f"== {name} ({'quick' if quick else 'full'})", flush=True)
             started = time.monotonic()
-            result = await run_scenario(name, quick=quick, messages=messages, env=env)
+            workdir = Path(tempfile.mkdtemp(prefix=f"postflow-{name}-"))
+            result = await run_scenario(
+                name, quick=quick, messages=messages, workdir=workdir, env=env
+            )
             result.details["wall_s"] = round(time.monotonic() - started, 1)
+            if result.problems:
+                print(f"kept {workdir} (process logs, spool, SQLite) for a look", flush=True)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
             print(json.dumps(result.as_json(), indent=2), flush=True)
             results.append(result)
     finally:

@@ -98,11 +98,12 @@ class SmtpSession:
     async def send_body(self, data: bytes, *, finish: bool = True) -> None:
         """Writes the dot-stuffed body; with `finish`, the final dot as well."""
         assert self.writer is not None
-        stuffed = b"".join(
-            b"." + line if line.startswith(b".") else line for line in data.splitlines(True)
+        # Only CRLF ends a line in SMTP: a dot after a bare CR or LF is not stuffed.
+        if finish and not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        stuffed = b"\r\n".join(
+            b"." + line if line.startswith(b".") else line for line in data.split(b"\r\n")
         )
-        if not stuffed.endswith(b"\r\n"):
-            stuffed += b"\r\n"
         self.writer.write(stuffed + (b".\r\n" if finish else b""))
         await self.writer.drain()
 

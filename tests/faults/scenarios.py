@@ -24,10 +24,10 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from postflow.constants import message_workflow_id
 from postflow.spool import FsSpool
 from tests.dnsserver import DnsServer, Fault
 from tests.faults.client import Burst, Outcome, SmtpSession, make_message, send_burst
+from tests.faults.relay import relay
 from tests.faults.sink import RecordingSink
 from tests.faults.stack import Stack
 
@@ -284,12 +284,12 @@ async def ingest_kill(size: Size, workdir: Path, env: WorkflowEnvironment | None
             for round_no in range(rounds):
                 # Spread the kill over the submit: from "before any final dot is read" to
                 # "some bodies stored, their workflows being started".
-                delay = (round_no % 5) * 0.01
+                delay = (0.0, 0.05, 0.01, 0.1, 0.02)[round_no % 5]
                 outcomes += await _ingest_round(stack, round_no, sessions, delay)
                 await stack.start_ingest()
             bodies_after_kills, temps_after_kills = stack.spool_files()
             report = await stack.sweep("0")
-            swept.append(report.strip())
+            swept.append("; ".join(report.strip().splitlines()))
             outcomes += (
                 await send_burst("127.0.0.1", stack.ingest_port, "ik-after", 5, concurrency=5)
             ).outcomes
@@ -448,44 +448,19 @@ async def _on_time_skipping(
     transport: dict[str, Any] | None = None,
     between: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Ingest and worker in this process on the time-skipping server: hours of retry
-    delays pass in a moment. `between` runs after every first attempt has been made."""
-    from starter.ingest import start_ingest
-    from starter.submit import Submitter
-    from tests.conftest import make_config, running_worker
+    """The burst through ingest and worker in this process on the time-skipping server:
+    hours of retry delays pass in a moment. `between` runs once every first attempt is made."""
     from workflows.deliver import DeliverMessage
 
-    port = _free_port()
-    config = make_config(
-        workdir,
-        ingest={"listen": f"127.0.0.1:{port}"},
-        smtp={"helo_name": "postflow.test", "connect_timeout": "2s", **(smtp or {})},
-        transports={
-            "default": {
-                "destination": destination or sink.destination,
-                "tls": "none",
-                **(transport or {}),
-            }
-        },
-    )
-    client = env.client
-    async with running_worker(client, config) as queue:
-        submitter = Submitter(client, config, task_queue=queue, priority_task_queue=queue)
-        server = await start_ingest(submitter, config)
-        try:
-            burst = await send_burst("127.0.0.1", port, tag, count, concurrency=10)
-        finally:
-            server.close()
+    destination = destination or sink.destination
+    async with relay(env, workdir, destination, smtp=smtp, transport=transport) as rl:
+        burst = await send_burst("127.0.0.1", rl.port, tag, count, concurrency=10)
         end = time.monotonic()
-        handles = {
-            o.rcpt: client.get_workflow_handle(message_workflow_id(o.queue_id))
-            for o in burst.outcomes
-            if o.queue_id
-        }
+        queued = {o.rcpt: o.queue_id for o in burst.outcomes if o.queue_id}
 
         async def first_attempts_done() -> bool:
-            for handle in handles.values():
-                status = await handle.query(DeliverMessage.status)
+            for queue_id in queued.values():
+                status = await rl.handle(queue_id).query(DeliverMessage.status)
                 if not status.done and not status.next_attempt_at:
                     return False
             return True
@@ -495,10 +470,10 @@ async def _on_time_skipping(
             while not await first_attempts_done() and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
             await between()
-        async with env.time_skipping_unlocked():
-            reports = {}
-            for rcpt, handle in handles.items():
-                reports[rcpt] = await asyncio.wait_for(handle.result(), 120)
+        reports = {
+            rcpt: await asyncio.wait_for(rl.result(queue_id), 120)
+            for rcpt, queue_id in queued.items()
+        }
     attempts: dict[str, Any] = {
         rcpt: {
             "attempts": max(r.attempts for r in report.recipients),
@@ -517,12 +492,6 @@ def _ts_end(result: Result, attempts: dict[str, Any]) -> None:
     result.details["spool_left"] = len(left)
     if left:
         result.problems.append(f"spool not empty: {left[:3]}")
-
-
-def _free_port() -> int:
-    from tests.faults.stack import free_port
-
-    return free_port()
 
 
 # ---- 5: DNS unreachable -----------------------------------------------------------------------
@@ -608,8 +577,9 @@ def small_tmpfs(size_kb: int) -> Any:
         mountpoint.rmdir()
 
 
-def fill(directory: Path) -> int:
-    """Writes a ballast file until the filesystem says ENOSPC; returns its size."""
+def fill(directory: Path, leave: int = 0) -> int:
+    """Writes a ballast file until the filesystem says ENOSPC, then gives back `leave`
+    bytes (so that the next stores fail part-way); returns the ballast's size."""
     ballast = directory / "ballast"
     written = 0
     with ballast.open("wb") as f:
@@ -620,6 +590,9 @@ def fill(directory: Path) -> int:
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
+        if leave:
+            written = max(0, written - leave)
+            f.truncate(written)
     return written
 
 
@@ -637,21 +610,31 @@ async def disk_full(size: Size, workdir: Path, env: WorkflowEnvironment | None =
                 before = await send_burst("127.0.0.1", stack.ingest_port, "df-a", third)
                 outcomes += before.outcomes
                 await drain(
-                    result, accepted_ids(before.outcomes), sink, stack.running_workflows, 0, 120
+                    result,
+                    accepted_ids(before.outcomes),
+                    sink,
+                    stack.running_workflows,
+                    time.monotonic(),
+                    120,
                 )
-                result.details["ballast_bytes"] = fill(mount)
-                full = await send_burst("127.0.0.1", stack.ingest_port, "df-b", third)
+                # Room for about two and a half bodies: the next stores fail part-way.
+                result.details["ballast_bytes"] = fill(mount, leave=50_000)
+                full = await send_burst(
+                    "127.0.0.1", stack.ingest_port, "df-b", third, size=20_000, concurrency=3
+                )
                 outcomes += full.outcomes
-                bodies, temps = stack.spool_files()
-                result.details["spool_files_while_full"] = len(bodies) + len(temps)
-                if bodies or temps:
-                    result.problems.append(f"half-written files while full: {bodies} {temps}")
-                wrong = [o.text for o in full.outcomes if not o.text.startswith("4.3.1")]
-                if wrong or any(o.code != 452 for o in full.outcomes):
-                    codes = Counter(o.code for o in full.outcomes)
-                    result.problems.append(
-                        f"disk full: expected 452 4.3.1, got {codes} {wrong[:2]}"
-                    )
+                _, temps = stack.spool_files()
+                result.details["spool_temp_files_while_full"] = len(temps)
+                if temps:
+                    result.problems.append(f"half-written files while full: {temps[:3]}")
+                wrong = [
+                    f"{o.code} {o.text}"
+                    for o in full.outcomes
+                    if not (o.accepted or (o.code == 452 and o.text.startswith("4.3.1")))
+                ]
+                if wrong or all(o.accepted for o in full.outcomes):
+                    result.problems.append(f"disk full: expected 452 4.3.1, got {wrong[:3]}")
+                result.details["accepted_while_full"] = sum(o.accepted for o in full.outcomes)
                 (mount / "ballast").unlink()
                 after = await send_burst("127.0.0.1", stack.ingest_port, "df-c", third)
                 outcomes += after.outcomes

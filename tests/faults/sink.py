@@ -57,10 +57,13 @@ class RecordingSink:
     ok_delay: float = 0.0  # delay before every 250 to DATA, to widen the window for kills
     keep_data: bool = True
     plan: dict[str, list[str]] = field(default_factory=dict)
+    # Raw reply bytes to RCPT per recipient and attempt (None: accept), CRLFs included.
+    rcpt_replies: dict[str, list[bytes | None]] = field(default_factory=dict)
     connect_faults: list[str] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     rcpt_attempts: Counter[str] = field(default_factory=Counter)
     faults_done: Counter[str] = field(default_factory=Counter)
+    _raw_attempts: Counter[str] = field(default_factory=Counter)
     _server: asyncio.Server | None = None
     _open: dict[int, _Conn] = field(default_factory=dict)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -103,6 +106,14 @@ class RecordingSink:
 
     # ---- the SMTP dialogue -------------------------------------------------------------------
 
+    def _raw_reply_for(self, rcpt: str) -> bytes | None:
+        replies = self.rcpt_replies.get(rcpt)
+        if not replies:
+            return None
+        attempt = self._raw_attempts[rcpt]
+        self._raw_attempts[rcpt] += 1
+        return replies[attempt] if attempt < len(replies) else None
+
     def _fault_for(self, rcpt: str) -> str | None:
         self.rcpt_attempts[rcpt] += 1
         faults = self.plan.get(rcpt) or []
@@ -123,6 +134,8 @@ class RecordingSink:
             await self._dialogue(conn, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            pass  # the sink is stopping: the session simply ends
         finally:
             self._open.pop(conn.number, None)
             self._writers.discard(writer)
@@ -151,6 +164,11 @@ class RecordingSink:
                 await reply("250 2.1.0 Ok")
             elif verb == b"RCPT":
                 rcpt = _path(arg)
+                raw = self._raw_reply_for(rcpt)
+                if raw is not None:
+                    writer.write(raw)
+                    await writer.drain()
+                    continue
                 fault = self._fault_for(rcpt) or fault
                 if fault == "slow-rcpt":
                     self.faults_done[fault] += 1
@@ -228,12 +246,23 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 def _path(arg: str) -> str:
-    """The address in `FROM:<a@b> SIZE=1` or `TO:<a@b>`."""
+    """The address in `FROM:<a@b> SIZE=1` or `TO:<"x>y"@b>`: up to the first '>' outside
+    quotes (kept apart from Postflow's own parser, which is what is under test)."""
     _, _, rest = arg.partition(":")
     rest = rest.strip()
-    if rest.startswith("<"):
-        return rest[1 : rest.find(">")] if ">" in rest else rest[1:]
-    return rest.split(" ")[0]
+    if not rest.startswith("<"):
+        return rest.split(" ")[0]
+    quoted = escaped = False
+    for i, ch in enumerate(rest[1:], 1):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return rest[1:i]
+    return rest[1:]
 
 
 def _message_id(data: bytes) -> str:

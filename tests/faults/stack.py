@@ -199,7 +199,11 @@ class Stack:
             "--grace",
             grace,
             cwd=ROOT,
-            env={**os.environ, "POSTFLOW_CONFIG": str(self.config_path)},
+            env={
+                **os.environ,
+                "POSTFLOW_CONFIG": str(self.config_path),
+                "POSTFLOW_LOG_LEVEL": "WARNING",
+            },
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

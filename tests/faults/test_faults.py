@@ -43,3 +43,26 @@ async def test_full_size(name: str, tmp_path: Path) -> None:
     if name == "disk-full" and os.geteuid() != 0:
         pytest.skip("disk-full mounts a small tmpfs: needs root")
     _assert_held(await _run(name, False, tmp_path, None))
+
+
+def test_the_tally_sees_a_lost_message_and_a_duplicate() -> None:
+    """The scenarios' bookkeeping can fail: a 250 missing at the sink is lost, two copies
+    are a duplicate, a 451 that arrived anyway is counted apart."""
+    from tests.faults.client import Outcome
+    from tests.faults.scenarios import tally
+    from tests.faults.sink import Delivery, RecordingSink
+
+    sink = RecordingSink()
+    for message_id in ("<a>", "<b>", "<b>", "<c>"):
+        sink.deliveries.append(Delivery(message_id, "s@x", ["r@y"], b"", 1, 0.0))
+    outcomes = [
+        Outcome("<a>", "r@y", code=250),
+        Outcome("<b>", "r@y", code=250),
+        Outcome("<c>", "r@y", code=451),
+        Outcome("<d>", "r@y", code=250),
+    ]
+    result = Result("unit", "quick")
+    tally(result, outcomes, sink)
+    assert (result.accepted, result.delivered, result.lost, result.duplicates) == (3, 2, 1, 1)
+    assert result.details["delivered_without_250"] == 1
+    assert result.problems == ["1 accepted message(s) lost: ['<d>']"]
