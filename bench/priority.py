@@ -157,17 +157,12 @@ async def run_once(name: str, args: argparse.Namespace, rules: str, corp: int) -
     corp_ids = [k for k in sent if k[0] == "p"]
     latency = [sink.arrived[k] - sent[k] for k in corp_ids]
     last_bulk = max(bulk_times)
-    # The same stretch in every run, bulk_only included: from the end of the bulk submission
-    # for as long as the corporate stream lasts (or would last).
-    span = (bulk_submitted, bulk_submitted + max(args.priority * args.interval, 1.0))
-    in_span = sum(span[0] <= t <= span[1] for t in bulk_times)
     result: dict = {
         "bulk": {
             "messages": args.bulk,
             "submit_seconds": round(bulk_submitted - started, 2),
             "drained_seconds": round(last_bulk - started, 2),
             "messages_per_second": round(args.bulk / (last_bulk - started), 1),
-            "messages_per_second_after_submission": round(in_span / (span[1] - span[0]), 1),
         },
         "delivered": len(sink.arrived),
         "submitted": len(sent),
@@ -229,12 +224,6 @@ async def main() -> None:
         base = runs_done["bulk_only"]["bulk"]["messages_per_second"]
         summary["bulk_throughput_ratio_to_bulk_only"] = round(
             with_rules["bulk"]["messages_per_second"] / base, 3
-        )
-        early = runs_done["bulk_only"]["bulk"]["messages_per_second_after_submission"]
-        summary["bulk_ratio_while_corporate_mail_flowed"] = (
-            round(with_rules["bulk"]["messages_per_second_after_submission"] / early, 3)
-            if early
-            else None
         )
         summary["target_bulk_ratio"] = 0.9
     result["summary"] = summary

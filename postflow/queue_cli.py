@@ -62,13 +62,14 @@ def format_table(rows: list[QueueRow], paused_scopes: list[str] | None = None) -
     )
     # Queue ids are never cut: operators copy them into the next command.
     id_width = max([8, *(len(r.queue_id) for r in rows)])
-    widths = (id_width, 14, 24, 28, 10, 9, 3, 14, 60)
+    widths = (id_width, 14, 24, 28, 10, 12, 3, 14, 60)
     lines = []
     if paused_scopes:
         lines.append(f"paused scopes: {', '.join(paused_scopes)}")
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for row in rows:
         state = row.state + ("*" if row.state == "paused" and "message" in row.paused_by else "")
+        state += " P" if row.priority else ""
         cells = (
             row.queue_id,
             _short(row.arrival),
@@ -101,6 +102,7 @@ def format_show(view: MessageView) -> str:
         f"sender        {row.sender or '<>'}",
         f"transport     {', '.join(row.transports) or '-'}",
         f"state         {row.state or '-'}{held}",
+        f"priority      {'yes (postflow-priority)' if row.priority else 'no'}",
         f"attempts      {row.attempts}",
         f"next attempt  {_when(row.next_attempt_at)}",
     ]

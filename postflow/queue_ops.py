@@ -109,6 +109,7 @@ class QueueRow(BaseModel):
     last_error: str | None = None
     paused_by: list[str] = Field(default_factory=list)
     status: str = ""  # the workflow's: Running, Completed, ...
+    priority: bool = False  # decided at ingest by the [[priority]] rules
 
 
 class MessageView(BaseModel):
@@ -158,6 +159,7 @@ def _row(wf: WorkflowExecution) -> QueueRow:
         attempts=attrs.get(search.ATTEMPTS) or 0,
         next_attempt_at=attrs.get(search.NEXT_ATTEMPT_AT),
         status=wf.status.name.title() if wf.status else "",
+        priority=bool(attrs.get(search.PRIORITY)),
     )
 
 

@@ -265,12 +265,12 @@ class Ingest:
         self._stop_listening()
         if self.sessions:
             self._all_ended.clear()
-        for session in list(self.sessions):
-            session.drain()
-        if grace is None:
-            grace = self._config.ingest.drain_timeout.total_seconds()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_ended.wait(), grace)
+            for session in list(self.sessions):
+                session.drain()
+            if grace is None:
+                grace = self._config.ingest.drain_timeout.total_seconds()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_ended.wait(), grace)
         await self.close()
 
     async def close(self) -> None:

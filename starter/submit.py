@@ -2,7 +2,8 @@
 
 Stores the body, then starts the message's workflow; returns the queue id only when both
 are done. If either fails, the stored body is removed and `SubmitError` raised, so the
-caller's own retry is the only copy.
+caller's own retry is the only copy; only when the start may have happened anyway is the
+body left for `postflow sweep` to judge.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from temporalio.common import (
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
 )
+from temporalio.service import RPCError, RPCStatusCode
 
 from postflow import search
 from postflow.config import Config
@@ -43,9 +45,23 @@ log = logging.getLogger("postflow.submit")
 
 INPUT_VERSION = 1
 
+# Answers that mean the server refused the start: no workflow exists, the body can go.
+_NOT_STARTED = frozenset(
+    {
+        RPCStatusCode.INVALID_ARGUMENT,
+        RPCStatusCode.NOT_FOUND,
+        RPCStatusCode.PERMISSION_DENIED,
+        RPCStatusCode.UNAUTHENTICATED,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNIMPLEMENTED,
+        RPCStatusCode.OUT_OF_RANGE,
+    }
+)
+
 
 class SubmitError(Exception):
-    """The message was not queued; nothing of it was kept."""
+    """The message was not queued; nothing of it was kept (but see `enqueue`)."""
 
     def __init__(self, message: str, *, temporary: bool = True, no_space: bool = False) -> None:
         super().__init__(message)
@@ -120,7 +136,13 @@ class Submitter:
                 queue_id, mail_from, rcpts, data, ret, envid, smtputf8, is_report, priority
             )
         except Exception as exc:
-            await self._spool.adelete(queue_id)
+            if isinstance(exc, RPCError) and exc.status not in _NOT_STARTED:
+                # The start may have reached the server before the connection broke (seen
+                # when Temporal was killed mid-burst): the workflow may exist and need the
+                # body. Kept; `postflow sweep` removes it if no workflow turns up.
+                log.warning("%s: start outcome unknown (%s); body kept", queue_id, exc)
+            else:
+                await self._spool.adelete(queue_id)
             raise SubmitError(f"could not queue: {exc}") from exc
 
     async def _start(

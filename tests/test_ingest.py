@@ -593,3 +593,36 @@ async def test_sigterm_drains_the_ingest_process(
             await proc.wait()
     queue_id = queue_id_of(reply.message)
     assert (await workflow_input(dev_env.client, queue_id)).queue_id == queue_id
+
+
+async def test_idle_ingest_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    """No session to wait for: SIGTERM must not wait out the drain timeout (60 s)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "postflow.toml"
+    config.write_text(
+        f'[temporal]\naddress = "127.0.0.1:1"\n[ingest]\nlisten = "127.0.0.1:{port}"\n'
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "postflow.cli", "--config", str(config), "ingest"],
+        cwd=ROOT,
+        env={**os.environ, "POSTFLOW_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # the probe connection's session has ended
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
