@@ -19,7 +19,7 @@ TASK_QUEUE = "baseline"
 @activity.defn
 async def baseline_send(args: list[str]) -> str:
     path, port, mail_from, rcpt = args
-    data = Path(path).read_bytes()
+    data = await asyncio.to_thread(Path(path).read_bytes)
     await aiosmtplib.send(
         data, sender=mail_from, recipients=[rcpt], hostname="127.0.0.1", port=int(port),
         start_tls=False,

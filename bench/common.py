@@ -82,9 +82,7 @@ def start_dev_server(workdir: Path, port: int, ui_port: int) -> Proc:
 
 def start_postflow(name: str, config: Path, *args: str) -> Proc:
     env = {**os.environ, "POSTFLOW_CONFIG": str(config), "POSTFLOW_LOG_LEVEL": "WARNING"}
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "postflow.cli", name, *args], env=env, cwd=ROOT
-    )
+    popen = subprocess.Popen([sys.executable, "-m", "postflow.cli", name, *args], env=env, cwd=ROOT)
     return Proc(name, popen)
 
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiosmtplib
+from aiosmtpd.smtp import SMTP
 from common import (
     ROOT,
     free_port,
@@ -29,9 +31,6 @@ from common import (
     wait_port,
     write_result,
 )
-
-import aiosmtplib
-from aiosmtpd.smtp import SMTP
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
@@ -103,11 +102,11 @@ async def history_cost(client: Client, queue_ids: list[str], sample: int = 25) -
     }
 
 
-async def wait_all(sink: Sink, count: int, timeout: float) -> None:
+async def wait_all(sink: Sink, count: int, limit: float) -> None:
     sink.expect = count
     if len(sink.arrived) >= count:
         return
-    await asyncio.wait_for(sink.done.wait(), timeout)
+    await asyncio.wait_for(sink.done.wait(), limit)
 
 
 async def run_baseline(address: str, sink: Sink, sink_port: int, args, work: Path) -> dict:
@@ -179,9 +178,7 @@ async def main() -> None:
     server = start_dev_server(work, port, ui)
     sink = Sink()
     loop = asyncio.get_running_loop()
-    sink_server = await loop.create_server(
-        lambda: SMTP(sink, decode_data=False), "127.0.0.1", 0
-    )
+    sink_server = await loop.create_server(lambda: SMTP(sink, decode_data=False), "127.0.0.1", 0)
     sink_port = sink_server.sockets[0].getsockname()[1]
     result: dict = {"machine": machine(), "messages": args.messages, "sessions": args.sessions,
                     "workers": args.workers, "message_bytes": len(make_message(0))}  # fmt: skip
@@ -209,7 +206,9 @@ async def main() -> None:
         sink.done.clear()
         sent: dict[int, float] = {}
         started = time.monotonic()
-        submitting = asyncio.create_task(submit_all(ingest_port, args.messages, args.sessions, sent))
+        submitting = asyncio.create_task(
+            submit_all(ingest_port, args.messages, args.sessions, sent)
+        )
         await wait_all(sink, args.messages, 3600)
         queue_ids = await submitting
         finished = max(sink.arrived.values())

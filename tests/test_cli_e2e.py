@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,12 +68,12 @@ tls = "none"
     )
     env = {**os.environ, "POSTFLOW_LOG_LEVEL": "WARNING"}
     env.pop("POSTFLOW_CONFIG", None)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "postflow.cli", "up"],
+    up = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "postflow.cli", "up"],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         await asyncio.to_thread(_wait_port, ports["ingest"], 60)
@@ -82,8 +81,9 @@ tls = "none"
         assert code == 250, reply
         queue_id = reply.rsplit(" ", 1)[-1]
         sink = tmp_path / "var" / "sink"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not list(sink.glob("*.eml")):
+        for _ in range(150):
+            if list(sink.glob("*.eml")):
+                break
             await asyncio.sleep(0.2)
         [eml] = list(sink.glob("*.eml"))
         envelope = json.loads(eml.with_suffix(".json").read_text())
@@ -111,7 +111,7 @@ tls = "none"
         assert not (tmp_path / "var" / "spool" / f"{queue_id}.eml").exists()
     finally:
         up.send_signal(signal.SIGTERM)
-        out, _ = up.communicate(timeout=60)
+        out, _ = await asyncio.wait_for(up.communicate(), 60)
     assert up.returncode == 0, out.decode(errors="replace")
     assert b"Temporal Web UI" in out
 
@@ -123,9 +123,7 @@ async def _send_when_ready(port: int) -> tuple[int, str]:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
         await client.connect()
         try:
-            errors, reply = await client.sendmail(
-                "alice@example.org", ["bob@example.test"], MESSAGE
-            )
+            _, reply = await client.sendmail("alice@example.org", ["bob@example.test"], MESSAGE)
             return 250, reply
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code != 451:

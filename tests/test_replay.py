@@ -3,6 +3,7 @@ messages already in flight fails here (see README, "Changing a workflow")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,8 +12,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from worker import ALL_WORKFLOWS
 from tests.histories import HISTORIES
+from worker import ALL_WORKFLOWS
 
 RECORDED = sorted(HISTORIES.glob("*.json"))
 
@@ -23,7 +24,7 @@ def test_histories_are_recorded() -> None:
 
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
 async def test_replay(path: Path) -> None:
-    data = json.loads(path.read_text())
+    data = json.loads(await asyncio.to_thread(path.read_text))
     workflow_id = f"replay-{path.stem}"
     history = WorkflowHistory.from_json(workflow_id, data)
     replayer = Replayer(workflows=ALL_WORKFLOWS, data_converter=pydantic_data_converter)
