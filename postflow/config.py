@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,7 +26,12 @@ from pydantic import (
     model_validator,
 )
 
-from postflow.destination import DestinationError, parse_destination, parse_host_port
+from postflow.destination import (
+    DestinationError,
+    is_hostname,
+    parse_destination,
+    parse_host_port,
+)
 from postflow.schedule import RetrySchedule
 
 __all__ = [
@@ -57,7 +63,7 @@ class _Strict(BaseModel):
 def _minutes_list(value: Any) -> Any:
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",")]
-        if not all(p.isdigit() for p in parts):
+        if not all(p.isascii() and p.isdigit() for p in parts):
             raise ValueError("not a list of minutes")
         return [int(p) for p in parts]
     return value
@@ -67,23 +73,36 @@ _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+# Longer than any sane timeout or queue lifetime, short of timedelta's overflow.
+_MAX_DURATION = timedelta(days=3650)
+
+
 def parse_duration(value: Any) -> Any:
-    """`"90s"`, `"30m"`, `"4h"`, `"5d"`, or a number of seconds."""
+    """`"90s"`, `"30m"`, `"4h"`, `"5d"`, or a number of seconds; positive, at most 10 years."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError("not a duration (e.g. 30s, 10m, 4h, 5d)")
     if isinstance(value, str):
         match = _DURATION.match(value)
-        if not match:
+        if not match or not match[1].isascii():
             raise ValueError("not a duration (e.g. 30s, 10m, 4h, 5d)")
-        return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
-    return value
+        seconds = int(match[1]) * _UNITS[match[2]]
+    else:
+        seconds = value
+    if not seconds > 0 or seconds > _MAX_DURATION.total_seconds():
+        raise ValueError("must be more than 0 and at most 3650d")
+    return timedelta(seconds=seconds)
 
 
-Minutes = Annotated[list[Annotated[int, Field(gt=0)]], BeforeValidator(_minutes_list)]
+# At most 10 years a wait: beyond that timers overflow, and no admin means it.
+Minutes = Annotated[
+    list[Annotated[int, Field(gt=0, le=5_256_000)]], BeforeValidator(_minutes_list)
+]
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
-def _check_listen(value: str) -> str:
+def _check_listen(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("needs a string host:port")
     try:
         hp = parse_host_port(value, 0)
     except DestinationError as exc:
@@ -96,6 +115,22 @@ def _check_listen(value: str) -> str:
 Listen = Annotated[str, BeforeValidator(_check_listen)]
 
 
+def _check_hostname(value: str) -> str:
+    """A name we announce on the wire (EHLO, greeting): a host name or an address literal."""
+    if value.startswith("[") and value.endswith("]"):
+        try:
+            parse_host_port(value, 25)
+            return value
+        except DestinationError:
+            pass
+    elif is_hostname(value):
+        return value
+    raise ValueError("not a host name or [address] literal")
+
+
+HostName = Annotated[str, AfterValidator(_check_hostname)]
+
+
 class TemporalSettings(_Strict):
     address: str = "127.0.0.1:7233"
     namespace: str = "default"
@@ -106,7 +141,7 @@ class TemporalSettings(_Strict):
 
 class IngestSettings(_Strict):
     listen: Listen = "127.0.0.1:2525"
-    hostname: str | None = None
+    hostname: HostName | None = None
     max_message_size: int = Field(50 * 1024 * 1024, gt=0)
     max_recipients: int = Field(1000, gt=0)
     max_sessions: int = Field(500, gt=0)
@@ -195,7 +230,7 @@ class SpoolSettings(_Strict):
 class SmtpSettings(_Strict):
     """Outbound SMTP client settings shared by every transport (RFC 5321 §4.5.3.2 timeouts)."""
 
-    helo_name: str = Field(default_factory=socket.getfqdn)
+    helo_name: HostName = Field(default_factory=socket.getfqdn)
     connect_timeout: Duration = timedelta(seconds=30)
     greeting_timeout: Duration = timedelta(seconds=300)
     command_timeout: Duration = timedelta(seconds=300)
@@ -288,7 +323,13 @@ class Route(_Strict):
     @field_validator("domains")
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower() for d in value]
+        if any(not d.isprintable() for d in value):
+            raise ValueError("a domain holds control characters")
+        domains = [d.strip().lower() for d in value]
+        for domain in domains:
+            if not is_hostname(domain.removeprefix(".")):
+                raise ValueError(f"{domain!r} is not a domain (or .domain for subdomains)")
+        return domains
 
 
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext: printable, no colon

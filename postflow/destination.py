@@ -70,9 +70,15 @@ def is_hostname(name: str) -> bool:
     return all(_LABEL.match(label) for label in name.split("."))
 
 
+def _shown(text: str) -> str:
+    """Text quoted into an error message: one printable line, whatever the input held."""
+    return repr(text)[1:-1]
+
+
 def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise DestinationError(f"{what}: bad port {text!r} (1..65535)")
+    # isascii(): str.isdigit() also accepts other scripts' digits ('٣' would be port 3).
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        raise DestinationError(f"{_shown(what)}: bad port {text!r} (1..65535)")
     return int(text)
 
 
@@ -122,7 +128,7 @@ def _parse_server(spec: str) -> ServerDestination:
     try:
         hosts = [parse_host_port(part, SMTP_PORT) for part in spec.split(",")]
     except DestinationError as exc:
-        raise DestinationError(f"server:{spec}: {exc}") from None
+        raise DestinationError(f"server:{_shown(spec)}: {exc}") from None
     return ServerDestination(hosts=hosts)
 
 
@@ -153,7 +159,7 @@ def _parse_lookup_mx(spec: str) -> LookupMxDestination:
             try:
                 query = [parse_host_port(part, DNS_PORT) for part in value.split(",")]
             except DestinationError as exc:
-                raise DestinationError(f"lookup-mx query={value}: {exc}") from None
+                raise DestinationError(f"lookup-mx query={_shown(value)}: {exc}") from None
         elif name == "port":
             port = _port(value, "lookup-mx port")
         else:

@@ -140,6 +140,8 @@ class Verdict:
 
 def clean_text(text: str) -> str:
     """A server's reply text made safe for history, logs and report headers."""
+    # aiosmtplib decodes invalid UTF-8 into lone surrogates, which no payload can carry.
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = _CONTROL.sub(" ", text).strip()
     return text[:MAX_TEXT]
 

@@ -152,12 +152,15 @@ def _stale_temps(spool: FsSpool, cutoff: float, dry_run: bool) -> list[str]:
 
 
 def parse_grace(text: str) -> timedelta:
-    """`10m`, `1h`, `30s`, or a number of seconds (`0` in tests)."""
+    """`10m`, `1h`, `30s`, or a number of seconds; `0` (right after a crash, with nothing
+    being submitted) judges every body."""
     from postflow.config import parse_duration
 
-    value = parse_duration(int(text) if text.strip().isdigit() else text)
-    if not isinstance(value, timedelta):
-        raise ValueError(f"{text!r}: not a duration")
+    text = text.strip()
+    if text.isascii() and text.isdigit():
+        return timedelta(seconds=int(text))
+    value = parse_duration(text)
+    assert isinstance(value, timedelta)
     return value
 
 

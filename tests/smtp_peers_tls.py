@@ -239,6 +239,7 @@ async def run_send(
     recipients: list[str] | list[Recipient] | None = None,
     data: bytes = MESSAGE,
     heartbeat_timeout: float = 1.0,
+    start_to_close: float = 60.0,
     transport: str = "default",
     **request: Any,
 ) -> tuple[SendResult, list[str]]:
@@ -249,7 +250,7 @@ async def run_send(
     env = ActivityEnvironment()
     env.info = dataclasses.replace(
         env.info,
-        start_to_close_timeout=timedelta(seconds=60),
+        start_to_close_timeout=timedelta(seconds=start_to_close),
         heartbeat_timeout=timedelta(seconds=heartbeat_timeout),
     )
     beats: list[str] = []

@@ -209,6 +209,20 @@ async def test_greeting_timeout_heartbeats_while_waiting(tmp_path: Path) -> None
     assert len(waiting) >= 4 and waiting[0].startswith("mx.dest.test [127.0.0.1]:")
 
 
+async def test_attempt_time_limit_ends_with_a_result(tmp_path: Path) -> None:
+    config = _config(tmp_path, greeting_timeout=30)
+    async with SilentServer() as first, SilentServer("127.0.0.2") as second:
+        started = time.monotonic()
+        result, _ = await run_send(config, [mx(first), mx(second)], start_to_close=1.0)
+        took = time.monotonic() - started
+    out = result.recipients[0]
+    assert (out.state, out.enhanced, out.stage) == (DEFERRED, "4.4.2", "greeting")
+    assert "attempt time limit reached" in out.text
+    # Cut off before Temporal's own timeout, and no time spent on the second host.
+    assert 0.8 < took < 1.0
+    assert len(result.tries) == 1 and second.connections == 0
+
+
 async def test_final_dot_timeout(tmp_path: Path) -> None:
     config = _config(tmp_path, final_timeout=0.3)
     async with SmtpTestPeer(options=PeerOptions(data_delay=1.0)) as peer:

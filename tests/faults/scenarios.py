@@ -108,8 +108,28 @@ async def drain(
         await asyncio.sleep(0.5)
 
 
+async def diagnose(result: Result, stack: Stack) -> None:
+    """When something is off: which processes died, and what the stuck messages say."""
+    result.details["exited"] = {
+        name: proc.returncode for name, proc in stack.procs.items() if proc.poll() is not None
+    }
+    client = await stack.client()
+    stuck = []
+    async for wf in client.list_workflows("ExecutionStatus = 'Running'", limit=5):
+        handle = client.get_workflow_handle(wf.id)
+        try:
+            status = await handle.query("status")
+            stuck.append({"id": wf.id, "status": status})
+        except Exception as exc:  # a diagnosis must not hide the result
+            stuck.append({"id": wf.id, "query_failed": str(exc)})
+    result.details["stuck"] = stuck
+    result.details["workdir"] = str(stack.workdir)
+
+
 async def check_stack_end(result: Result, stack: Stack) -> None:
     """Every workflow finished as delivered; the spool holds nothing, not even temp files."""
+    if result.problems:
+        await diagnose(result, stack)
     client = await stack.client()
     not_delivered = await client.count_workflows(
         "ExecutionStatus != 'Running' AND DeliveryState != 'delivered'"
