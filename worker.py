@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.control import ControlActivities, ScopeCache
 from activities.report import ReportActivities
@@ -89,9 +89,16 @@ def build_workers(
                 ),
                 max_cached_workflows=settings.max_cached_workflows,
                 graceful_shutdown_timeout=config.smtp.final_timeout,
+                **_runner(config),
             )
         )
     return workers
+
+
+def _runner(config: Config) -> dict[str, Any]:
+    if config.worker.workflow_sandbox:
+        return {}
+    return {"workflow_runner": UnsandboxedWorkflowRunner()}
 
 
 def build_control_worker(

@@ -94,9 +94,7 @@ def parse_duration(value: Any) -> Any:
 
 
 # At most 10 years a wait: beyond that timers overflow, and no admin means it.
-Minutes = Annotated[
-    list[Annotated[int, Field(gt=0, le=5_256_000)]], BeforeValidator(_minutes_list)
-]
+Minutes = Annotated[list[Annotated[int, Field(gt=0, le=5_256_000)]], BeforeValidator(_minutes_list)]
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
@@ -394,6 +392,10 @@ class WorkerSettings(_Strict):
     max_concurrent_workflow_tasks: int = Field(50, gt=0)
     max_cached_workflows: int = Field(2000, ge=0)
     priority_slots: int = Field(20, gt=0)
+    # Temporal's workflow sandbox re-imports the workflow module for every message and
+    # costs about 20 ms of worker CPU each (bench/throughput.py: 35 -> 15 ms/message).
+    # Tests and the replay test run with it, which is where its checks pay off.
+    workflow_sandbox: bool = False
 
 
 class DeliverySettings(_Strict):

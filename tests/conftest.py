@@ -111,6 +111,11 @@ def make_config(tmp_path: Path, **sections: object) -> Config:
         "smtp": {"helo_name": "postflow.test", "connect_timeout": "5s"},
     }
     data.update(sections)
+    # In-process tests keep Temporal's sandbox on: it catches non-deterministic workflow
+    # code that production (sandbox off, for speed) would only meet on replay.
+    worker = dict(data.get("worker") or {})  # type: ignore[call-overload]
+    worker.setdefault("workflow_sandbox", True)
+    data["worker"] = worker
     return parse_config(data)
 
 

@@ -266,7 +266,7 @@ class DeliverMessage:
                     body_8bit=self._msg.body_8bit,
                 ),
                 start_to_close_timeout=timedelta(minutes=30),
-                heartbeat_timeout=timedelta(seconds=60),
+                heartbeat_timeout=timedelta(seconds=20),
                 retry_policy=_SEND_RETRY,
                 summary=f"attempt {group.attempts} to {first}",
             )
