@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,6 +20,24 @@ from postflow.constants import SEARCH_ATTRIBUTES  # noqa: E402
 from postflow.temporal import find_binary  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+WORDS = "queue relay domain transport retry message deliver sender header body".split()
+
+
+def bench_message(n: int, *, tag: str = "bench", size: int = 5000) -> bytes:
+    """Message n of a run: ~`size` bytes of CRLF text, told apart by `X-Bench-Id: n`."""
+    rng = random.Random(n)
+    head = (
+        f"From: Bench <bench@sender.test>\r\nTo: Sink <sink@dest.test>\r\n"
+        f"Subject: {tag} {n}\r\nMessage-ID: <{tag}-{n}@sender.test>\r\nX-Bench-Id: {n}\r\n\r\n"
+    ).encode()
+    lines, total = [], len(head)
+    while total < size:
+        line = (" ".join(rng.choice(WORDS) for _ in range(11)) + "\r\n").encode()
+        lines.append(line)
+        total += len(line)
+    return head + b"".join(lines)
 
 
 def free_port() -> int:

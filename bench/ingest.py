@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import aiosmtplib
 from common import (
+    bench_message,
     free_port,
     machine,
     percentile,
@@ -37,21 +37,9 @@ from temporalio.service import RPCError
 
 from postflow.constants import message_workflow_id
 
-WORDS = "queue relay domain transport retry message deliver sender header body".split()
 
-
-def make_message(n: int, size: int = 5000) -> bytes:
-    rng = random.Random(n)
-    head = (
-        f"From: Bench <bench@sender.test>\r\nTo: Bob <bob@dest.test>\r\n"
-        f"Subject: ingest bench {n}\r\nMessage-ID: <ingest-{n}@sender.test>\r\n\r\n"
-    ).encode()
-    lines, total = [], len(head)
-    while total < size:
-        line = (" ".join(rng.choice(WORDS) for _ in range(11)) + "\r\n").encode()
-        lines.append(line)
-        total += len(line)
-    return head + b"".join(lines)
+def make_message(n: int) -> bytes:
+    return bench_message(n, tag="ingest")
 
 
 class Run:

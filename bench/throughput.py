@@ -23,6 +23,7 @@ import aiosmtplib
 from aiosmtpd.smtp import SMTP
 from common import (
     ROOT,
+    bench_message,
     free_port,
     machine,
     percentile,
@@ -36,19 +37,9 @@ from temporalio.client import Client
 
 from postflow.constants import message_workflow_id
 
-WORDS = "queue relay domain transport retry message deliver sender header body".split()
 
-
-def make_message(n: int, size: int = 5000) -> bytes:
-    rng = random.Random(n)
-    head = (
-        f"From: Bench <bench@sender.test>\r\nTo: Sink <sink@dest.test>\r\n"
-        f"Subject: bench {n}\r\nMessage-ID: <bench-{n}@sender.test>\r\nX-Bench-Id: {n}\r\n\r\n"
-    ).encode()
-    lines = []
-    while sum(len(line) for line in lines) + len(head) < size:
-        lines.append((" ".join(rng.choice(WORDS) for _ in range(11)) + "\r\n").encode())
-    return head + b"".join(lines)
+def make_message(n: int) -> bytes:
+    return bench_message(n, tag="bench")
 
 
 class Sink:

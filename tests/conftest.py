@@ -21,6 +21,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from postflow import search
 from postflow.config import Config, parse_config
 from postflow.constants import SEARCH_ATTRIBUTES
 from postflow.temporal import find_binary
@@ -86,19 +87,10 @@ async def register_search_attributes(client: Client) -> None:
 @pytest.fixture(scope="session")
 async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
     """The same dev server `postflow up` runs, in memory, with Postflow's search attributes."""
-    from temporalio.common import SearchAttributeKey
-
-    kinds = {
-        "Keyword": SearchAttributeKey.for_keyword,
-        "KeywordList": SearchAttributeKey.for_keyword_list,
-        "Int": SearchAttributeKey.for_int,
-        "Datetime": SearchAttributeKey.for_datetime,
-        "Bool": SearchAttributeKey.for_bool,
-    }
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=find_binary("temporal"),
         data_converter=pydantic_data_converter,
-        search_attributes=[kinds[k](n) for n, k in SEARCH_ATTRIBUTES.items()],
+        search_attributes=search.all_keys(),
         dev_server_extra_args=["--log-level", "error"],
     )
     yield env
