@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ import aiosmtplib
 from aiosmtpd.smtp import SMTP
 from common import (
     ROOT,
+    Proc,
     bench_message,
     free_port,
     machine,
@@ -100,7 +102,9 @@ async def wait_all(sink: Sink, count: int, limit: float) -> None:
     await asyncio.wait_for(sink.done.wait(), limit)
 
 
-async def run_baseline(address: str, sink: Sink, sink_port: int, args, work: Path) -> dict:
+async def run_baseline(
+    address: str, sink: Sink, sink_port: int, args, work: Path, server: Proc
+) -> dict:
     message = work / "baseline.eml"
     message.write_bytes(make_message(0))
     worker = start_postflow_like_baseline(address)
@@ -132,6 +136,7 @@ async def run_baseline(address: str, sink: Sink, sink_port: int, args, work: Pat
                 task_queue="baseline",
             )
 
+    server_cpu = server.cpu_seconds()
     started = time.monotonic()
     await asyncio.gather(*(starter() for _ in range(args.sessions)))
     await wait_all(sink, args.messages, 1800)
@@ -140,14 +145,12 @@ async def run_baseline(address: str, sink: Sink, sink_port: int, args, work: Pat
     await asyncio.sleep(2)  # let the last workflows complete before stopping their worker
     worker.stop()
     return {"messages": args.messages, "seconds": round(elapsed, 2),
-            "messages_per_second": round(args.messages / elapsed, 1)}  # fmt: skip
+            "messages_per_second": round(args.messages / elapsed, 1),
+            "server_cpu_seconds_per_1000":
+                round((server.cpu_seconds() - server_cpu) * 1000 / args.messages, 2)}  # fmt: skip
 
 
-def start_postflow_like_baseline(address: str):
-    import subprocess
-
-    from common import Proc
-
+def start_postflow_like_baseline(address: str) -> Proc:
     return Proc(
         "baseline",
         subprocess.Popen([sys.executable, str(ROOT / "bench" / "baseline.py"), address]),
@@ -176,7 +179,7 @@ async def main() -> None:
     procs = []
     try:
         if not args.skip_baseline:
-            result["baseline"] = await run_baseline(address, sink, sink_port, args, work)
+            result["baseline"] = await run_baseline(address, sink, sink_port, args, work, server)
             print("baseline:", result["baseline"], flush=True)
 
         config = work / "postflow.toml"
