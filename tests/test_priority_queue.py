@@ -20,6 +20,7 @@ from postflow.models import RecipientState
 from starter.submit import Submitter
 from tests.conftest import make_config
 from tests.helpers import MESSAGE
+from tests.histories import keep_history
 from worker import build_workers
 
 BULK_SENDER = "list@news.test"
@@ -135,6 +136,7 @@ async def test_priority_mail_is_delivered_while_every_bulk_slot_is_held(
             urgent = await submitter.enqueue(CORP_SENDER, ["cfo@dest.test"], _message("urgent"))
             report = await asyncio.wait_for(urgent.result(), 10)
             took = peer.delivered["<urgent@sender.test>"] - started
+            await keep_history(urgent, "priority_delivered")
             assert report.recipients[0].state == RecipientState.DELIVERED
             # It passed the bulk queue: the bulk mail is still held and still waiting.
             assert peer.holding == 2

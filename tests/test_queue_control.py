@@ -38,6 +38,7 @@ from postflow.queue_ops import (
 )
 from tests.conftest import make_config
 from tests.helpers import submit
+from tests.histories import keep_history
 from tests.peers import SmtpPeer, defer_times
 from worker import build_workers
 from workflows.control import QueueControl
@@ -265,6 +266,10 @@ async def test_queue_control_continues_as_new_and_keeps_its_scopes(
                 await control_scope(client, "retry", "all")
             described = await client.get_workflow_handle(CONTROL_WORKFLOW_ID).describe()
             state = await control_state(client)
+            # The first run, which continued as new: QueueControl's own replay case.
+            await keep_history(
+                client.get_workflow_handle(CONTROL_WORKFLOW_ID, run_id=first), "queue_control"
+            )
     assert described.run_id != first
     assert state is not None
     assert set(state.scopes) == {"domain:a.test"}
