@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: install up test test-slow lint format record-histories clean
+.PHONY: install up test test-slow test-slow-sample lint format record-histories clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,12 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# The slow kinds CI runs on every submission besides `make test`'s quick fault variants:
+# a pause surviving restarts of worker and dev server, and a worker killed mid-burst.
+test-slow-sample: install
+	POSTFLOW_BURST=300 $(BIN)/python -m pytest -m slow \
+		-k "scope_pause_survives_restarts or killing_a_worker_mid_burst"
 
 # Re-record the replay corpus (tests/histories/*.json) from the representative tests.
 record-histories: install
