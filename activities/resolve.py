@@ -34,9 +34,11 @@ from postflow.mx import (
     classify,
     describe_failure,
     dns_error,
+    drop_self,
     filter_family,
     ip_literal,
     is_null_mx,
+    loop_error,
     no_address_error,
     null_mx_error,
     order_mx,
@@ -74,6 +76,8 @@ class ResolveActivities:
         # query= host names, resolved once through the system resolver (the rule).
         self._query_hosts: dict[str, list[str]] = {}
         self._system_nameservers: list[str | dns.nameserver.Nameserver] | None = None
+        # The names this MTA answers to: an MX naming one of them is us (RFC 5321 §5.1).
+        self._my_names = [config.smtp.helo_name, *config.smtp.my_hostnames]
 
     @activity.defn(name="resolve_destination")
     async def resolve_destination(self, req: ResolveRequest) -> ResolveResult:
@@ -145,6 +149,11 @@ class ResolveActivities:
         if any(name == ROOT for _, name in records):
             notes.append(f"{qname}: MX '.' among other MX records ignored (RFC 7505 §3)")
             records = [r for r in records if r[1] != ROOT]
+        records, own = drop_self(records, self._my_names)
+        if own is not None:
+            if not records:
+                return ResolveResult(error=loop_error(qname, own), notes=notes)
+            notes.append(f"{qname}: we are its MX at preference {own}; only better MX used")
         return await self._mx_hosts(resolver, destination, transport, qname, records, notes)
 
     async def _mx_hosts(

@@ -229,6 +229,9 @@ class SmtpSettings(_Strict):
     """Outbound SMTP client settings shared by every transport (RFC 5321 §4.5.3.2 timeouts)."""
 
     helo_name: HostName = Field(default_factory=socket.getfqdn)
+    # Other names of this MTA besides helo_name: lookup-mx drops MX records at the
+    # preference of any of them and higher, so mail never loops back (RFC 5321 §5.1).
+    my_hostnames: list[HostName] = []
     connect_timeout: Duration = timedelta(seconds=30)
     greeting_timeout: Duration = timedelta(seconds=300)
     command_timeout: Duration = timedelta(seconds=300)

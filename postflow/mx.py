@@ -23,9 +23,11 @@ __all__ = [
     "classify",
     "describe_failure",
     "dns_error",
+    "drop_self",
     "filter_family",
     "ip_literal",
     "is_null_mx",
+    "loop_error",
     "no_address_error",
     "null_mx_error",
     "order_mx",
@@ -47,6 +49,30 @@ def order_mx(
         rng.shuffle(tier)
         ordered.extend(tier)
     return ordered
+
+
+def drop_self(
+    records: list[tuple[int, str]], my_names: Iterable[str]
+) -> tuple[list[tuple[int, str]], int | None]:
+    """RFC 5321 §5.1: when we are one of the MX hosts, records at our own preference and
+    higher MUST be discarded (we would send the mail to ourselves, or further from its
+    destination). Returns the records left and our preference, or None if we are not listed.
+    """
+    names = {n.lower().rstrip(".") for n in my_names}
+    mine = [preference for preference, name in records if name in names]
+    if not mine:
+        return records, None
+    own = min(mine)
+    return [r for r in records if r[0] < own], own
+
+
+def loop_error(qname: str, preference: int) -> DeliveryError:
+    """Postfix's `mail for X loops back to myself`: permanent, 5.4.6 (RFC 3463 routing loop)."""
+    return DeliveryError(
+        permanent=True,
+        enhanced="5.4.6",
+        text=f"mail for {qname} loops back to myself (we are its MX at preference {preference})",
+    )
 
 
 def is_null_mx(records: list[tuple[int, str]]) -> bool:

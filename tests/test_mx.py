@@ -143,3 +143,14 @@ def test_dns_errors_temporary_or_permanent() -> None:
     unroutable = unroutable_error("x.test", ["mx1.x.test: no address records"], "ipv4")
     assert (unroutable.permanent, unroutable.enhanced) == (False, "4.4.4")
     assert "ipv4" in unroutable.text and "mx1.x.test" in unroutable.text
+
+
+def test_drop_self_keeps_only_better_preferences() -> None:
+    from postflow.mx import drop_self, loop_error
+
+    records = [(10, "a.test"), (20, "me.test"), (20, "b.test"), (30, "c.test")]
+    assert drop_self(records, ["ME.test."]) == ([(10, "a.test")], 20)
+    assert drop_self(records, ["other.test"]) == (records, None)
+    assert drop_self([(5, "me.test"), (9, "a.test")], ["me.test"]) == ([], 5)
+    error = loop_error("x.test", 5)
+    assert (error.permanent, error.enhanced) == (True, "5.4.6")

@@ -49,6 +49,11 @@ capped      MX 2 mx2
 capped      MX 3 mx3
 capped      MX 4 first
 capped      MX 5 unasked
+self        MX 10 mx1
+self        MX 20 postflow.test.
+self        MX 30 mx2
+selfonly    MX 10 postflow.test.
+selfonly    MX 20 mx2
 """
 # Enough MX records that the answer does not fit the 512 bytes of plain UDP.
 BIG = "big MX 1 mx1\nbig MX 2 mx2\n" + "".join(
@@ -345,3 +350,27 @@ async def test_address_literal_domain_needs_no_lookup(srv: DnsServer) -> None:
         ("127.0.0.1", ["127.0.0.1"], 2525)
     ]
     assert srv.queries == []
+
+
+async def test_we_are_one_of_the_mx_hosts(srv: DnsServer) -> None:
+    """RFC 5321 §5.1: our own preference and every worse one are discarded; with nothing
+    better left, the mail would loop back to us: a permanent 5.4.6."""
+    config = {
+        "smtp": {"helo_name": "postflow.test"},
+        "transports": {"default": {"destination": srv.destination(), "dns_timeout": 1}},
+    }
+    acts = ResolveActivities(parse_config(config))
+    better = await _resolve(acts, "self.example.test")
+    assert _hosts(better) == [(10, "mx1.example.test", ["127.0.0.11"])]
+    assert any("we are its MX at preference 20" in n for n in better.notes)
+    looped = await _resolve(acts, "selfonly.example.test")
+    assert looped.error is not None
+    assert (looped.error.permanent, looped.error.enhanced) == (True, "5.4.6")
+    assert "loops back to myself" in looped.error.text
+    # Another name of ours counts too; a transport that is not us keeps every MX.
+    config["smtp"]["my_hostnames"] = ["mx1.example.test"]
+    mx1_is_us = await _resolve(ResolveActivities(parse_config(config)), "pref.example.test")
+    assert mx1_is_us.error is not None and mx1_is_us.error.enhanced == "5.4.6"
+    elsewhere = await _resolve(srv.destination(), "self.example.test")
+    assert [name for _, name, _ in _hosts(elsewhere)] == ["mx1.example.test", "mx2.example.test"]
+    assert not any("we are its MX" in n for n in elsewhere.notes)
