@@ -84,15 +84,19 @@ async def register_search_attributes(client: Client) -> None:
     )
 
 
-@pytest.fixture(scope="session")
-async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+async def start_dev_env() -> WorkflowEnvironment:
     """The same dev server `postflow up` runs, in memory, with Postflow's search attributes."""
-    env = await WorkflowEnvironment.start_local(
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=find_binary("temporal"),
         data_converter=pydantic_data_converter,
         search_attributes=search.all_keys(),
         dev_server_extra_args=["--log-level", "error"],
     )
+
+
+@pytest.fixture(scope="session")
+async def dev_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await start_dev_env()
     yield env
     await env.shutdown()
 

@@ -24,14 +24,12 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from postflow import search
 from postflow.config import parse_config
 from postflow.constants import TASK_QUEUE, message_workflow_id
 from postflow.spool import open_spool
-from postflow.temporal import find_binary
+from tests.conftest import start_dev_env
 from tests.peers import SmtpPeer
 from tests.s3server import S3Server
 
@@ -58,12 +56,7 @@ def _message(n: int) -> bytes:
 @pytest.fixture(scope="module")
 async def cluster_env() -> AsyncIterator[WorkflowEnvironment]:
     """A dev server of its own: the processes serve the real task queue names."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        data_converter=pydantic_data_converter,
-        search_attributes=search.all_keys(),
-        dev_server_extra_args=["--log-level", "error"],
-    )
+    env = await start_dev_env()
     yield env
     await env.shutdown()
 
